@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make run` (set up + run the main job) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TINY ?= $(VENV)/tiny-grok2
+
+.PHONY: setup run test lint bench clean
+
+$(BIN)/grokstack: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch pinned to the CPU wheel on local disk; an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/grokstack
+
+run: setup
+	$(BIN)/grokstack make-tiny --arch grok-2 $(TINY) --force
+	$(BIN)/grokstack generate --model $(TINY) --max-tokens 24 --seed 0 "Human: Tell me about Grok."
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/ruff check src tests benchmarks
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/decode.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build src/*.egg-info
