@@ -1,0 +1,36 @@
+"""One exception hierarchy for everything a user can get wrong.
+
+Each class carries the CLI exit code and the HTTP status it maps to, so the CLI and the
+server translate errors in one place each and never show a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+
+class GrokstackError(Exception):
+    """Base class: a problem the user can fix; the message says what and how."""
+
+    exit_code = 1
+    http_status = 400
+
+
+class ConfigError(GrokstackError):
+    """A config file or value is missing, malformed or unsupported."""
+
+
+class CheckpointError(GrokstackError):
+    """A checkpoint folder or file is missing, truncated or inconsistent."""
+
+
+class TokenizerError(GrokstackError):
+    """A tokenizer file is missing or malformed."""
+
+
+class ContextLengthError(GrokstackError):
+    """A prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+class InvalidArgumentError(GrokstackError):
+    """A value passed on the command line or to the API is out of range."""
+
+    exit_code = 2
