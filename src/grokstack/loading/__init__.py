@@ -1,0 +1,56 @@
+"""Detect a checkpoint's format and load it: one function, one way in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, from_hf_config, grok1_preset, load_config_file, read_json
+from ..errors import CheckpointError
+from ..model import Transformer
+from .grok1_ckpt import find_ckpt_dir, load_grok1
+from .safetensors_folder import load_safetensors_folder
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    format: str  # "grok1-ckpt" | "safetensors"
+    config: ModelConfig
+    grok1_dir: Path | None = None
+
+
+def inspect_checkpoint(path: Path, config: Path | None = None) -> Checkpoint:
+    """Find the format and the config of a checkpoint without reading its weights."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such file or folder: {path}")
+    if path.is_file():
+        raise CheckpointError(
+            f"{path} is a file; give a checkpoint folder (Grok-2 safetensors folder or Grok-1 folder with ckpt-0/)"
+        )
+    ckpt = find_ckpt_dir(path)
+    if ckpt is not None:
+        if config is None:  # a config.json in official Grok-1 form next to ckpt-0/, else the real preset
+            for cand in (path / "config.json", ckpt.parent / "config.json"):
+                if cand.is_file() and {"language_model", "transformer"} <= set(read_json(cand)):
+                    config = cand
+                    break
+        cfg = load_config_file(config) if config else grok1_preset()
+        return Checkpoint(path, "grok1-ckpt", cfg, ckpt)
+    if any(path.glob("*.safetensors")):
+        cfg_file = Path(config) if config else path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{path} has safetensors files but no config.json")
+        return Checkpoint(path, "safetensors", from_hf_config(read_json(cfg_file)))
+    raise CheckpointError(
+        f"{path} is not a checkpoint: expected *.safetensors with config.json (Grok-2) or ckpt-0/tensor00000_000 (Grok-1)"
+    )
+
+
+def load_weights(ckpt: Checkpoint, dtype: torch.dtype, progress=None) -> Transformer:
+    if ckpt.format == "grok1-ckpt":
+        return load_grok1(ckpt.grok1_dir, ckpt.config, dtype, progress)
+    return load_safetensors_folder(ckpt.path, ckpt.config, dtype, progress)

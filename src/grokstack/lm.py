@@ -1,0 +1,136 @@
+"""`grokstack.load()` and `LM`: a loaded model with its tokenizer, ready to generate."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .errors import InvalidArgumentError, TokenizerError
+from .generate import Completion, Event, generate_batch, stream_batch
+from .loading import inspect_checkpoint, load_weights
+from .model import Transformer
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
+
+log = logging.getLogger("grokstack")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+Prompt = str | list[int]
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name in DTYPES.values():
+            return name
+        name = str(name)
+    if name not in DTYPES:
+        raise InvalidArgumentError(f"unknown dtype {name!r}; use float32 or bfloat16 (fp16 is not supported)")
+    return DTYPES[name]
+
+
+class LM:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, path: Path | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.path = path
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] (fp32) for token ids [B, T] from position 0."""
+        if tokens.dim() != 2 or tokens.dtype != torch.long:
+            raise InvalidArgumentError("tokens must be a LongTensor [B, T]")
+        return self.model(tokens.to(self.model.embed_tokens.weight.device))
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self._need_tokenizer().encode(prompt)
+        return list(prompt)
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise TokenizerError(
+                "this checkpoint has no tokenizer file (tokenizer.tok.json or tokenizer.model); "
+                "put one next to it or pass token ids"
+            )
+        return self.tokenizer
+
+    def generate(self, prompts: Prompt | list[Prompt], **sampling: Any) -> Completion | list[Completion]:
+        """Complete one prompt (text or ids) or a list of them; sampling = SamplingParams fields."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        out = generate_batch(self.model, self.tokenizer, [self.encode(p) for p in batch], SamplingParams(**sampling))
+        return out[0] if single else out
+
+    def stream(self, prompt: Prompt, **sampling: Any) -> Iterator[Event]:
+        """Events for one prompt: token id, released text, logprob, and finish_reason at the end."""
+        return stream_batch(self.model, self.tokenizer, [self.encode(prompt)], SamplingParams(**sampling))
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return self._need_tokenizer().chat_ids(messages)
+
+    def chat(self, messages: list[dict], stream: bool = False, **sampling: Any) -> Completion | Iterator[Event]:
+        ids = self.chat_ids(messages)
+        if stream:
+            return self.stream(ids, **sampling)
+        return self.generate(ids, **sampling)
+
+
+def load(
+    path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    config: str | Path | None = None,
+    **overrides: Any,
+) -> LM:
+    """Load a Grok-2 safetensors folder (presharded or not) or a Grok-1 folder with ckpt-0/.
+
+    `config` is a JSON file (official Grok-1 names or HF config.json); `overrides` change config
+    fields, e.g. the engine knobs (`gelu="tanh"`).
+    """
+    torch_dtype = parse_dtype(dtype)
+    ckpt = inspect_checkpoint(Path(path), Path(config) if config else None)
+    if overrides:
+        ckpt.config = ckpt.config.with_overrides(overrides)
+    with _progress(ckpt) as bar:
+        model = load_weights(ckpt, torch_dtype, bar)
+    model = model.to(device)
+    tok_file = find_tokenizer_file(Path(path))
+    tokenizer = load_tokenizer(tok_file) if tok_file else None
+    if tokenizer is None:
+        log.warning("no tokenizer file found next to %s; generation needs token ids", path)
+    return LM(model, tokenizer, Path(path))
+
+
+class _progress:
+    """A tqdm bar over checkpoint files on a terminal; silent otherwise."""
+
+    def __init__(self, ckpt) -> None:
+        self.ckpt = ckpt
+        self.bar = None
+
+    def __enter__(self):
+        if not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        if self.ckpt.format == "grok1-ckpt":
+            total = 2 + 12 * self.ckpt.config.num_layers
+        else:
+            total = len(list(self.ckpt.path.glob("*.safetensors")))
+        self.bar = tqdm(total=total, desc="loading", unit="file", leave=False)
+        return self.bar.update
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
