@@ -45,8 +45,9 @@ class SamplingParams:
         need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0")
         need(_finite(self.min_p) and 0 <= self.min_p < 1, "min_p must be in [0, 1)")
         need(_finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0")
-        need(_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]")
-        need(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            need(_finite(value) and -2 <= value <= 2, f"{name} must be in [-2, 2]")
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         need(
             self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
@@ -64,10 +65,8 @@ def _finite(x) -> bool:
 def penalize(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """logits [V]; seen [V] bool (prompt + output); counts [V] output token counts."""
     if params.repetition_penalty != 1.0:
-        hit = seen
-        logits = torch.where(
-            hit & (logits > 0), logits / params.repetition_penalty, torch.where(hit, logits * params.repetition_penalty, logits)
-        )
+        scaled = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, scaled, logits)
     if params.presence_penalty or params.frequency_penalty:
         logits = logits - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
     return logits

@@ -46,7 +46,8 @@ def inspect_checkpoint(path: Path, config: Path | None = None) -> Checkpoint:
             raise CheckpointError(f"{path} has safetensors files but no config.json")
         return Checkpoint(path, "safetensors", from_hf_config(read_json(cfg_file)))
     raise CheckpointError(
-        f"{path} is not a checkpoint: expected *.safetensors with config.json (Grok-2) or ckpt-0/tensor00000_000 (Grok-1)"
+        f"{path} is not a checkpoint: expected *.safetensors with config.json (Grok-2) "
+        "or ckpt-0/tensor00000_000 (Grok-1)"
     )
 
 

@@ -98,7 +98,8 @@ def _check_complete(cfg: ModelConfig, whole: dict, shards: dict, files: list[Pat
         if len(got) != tp:
             missing = sorted(set(range(tp)) - set(got))
             some = next(iter(got.values())).name
-            hint = TP_FILE.sub(lambda m: f"{m['stem']}-TP-{missing[0]:03d}.safetensors", some)
+            stem = TP_FILE.fullmatch(some)["stem"]
+            hint = f"{stem}-TP-{missing[0]:03d}.safetensors"
             raise CheckpointError(
                 f"tensor {name!r} is missing TP shard(s) {missing} of {tp} (expected in {hint}); "
                 "refusing to load a model with part of its experts"
@@ -127,7 +128,7 @@ def load_safetensors_folder(path: Path, cfg: ModelConfig, dtype: torch.dtype, pr
         m = TP_FILE.fullmatch(file.name)
         k = int(m["part"]) if m and m["part"] != "common" else None
         with open_safetensors(file) as st:
-            for name in st.keys():
+            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                 tensor = st.get_tensor(name)
                 if k is None:
                     assign(model, name, tensor, file.name)
