@@ -1,0 +1,274 @@
+"""`grokstack` command line: inspect, generate, chat, convert, make-tiny.
+
+Every user error ends in one line on stderr and a non-zero exit, never a traceback
+(set GROKSTACK_DEBUG=1 to see one for unexpected failures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import GrokstackError, InvalidArgumentError
+
+GIB = 1 << 30
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=os.environ.get("GROKSTACK_MODEL"), help="checkpoint folder (env GROKSTACK_MODEL)")
+    p.add_argument("--config", help="config JSON (official Grok-1 names or HF config.json)")
+    p.add_argument("--dtype", default=os.environ.get("GROKSTACK_DTYPE", "float32"), help="float32 or bfloat16")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field/knob")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.7 chat, 0 generate)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grokstack", description="Run xAI's open Grok-1 and Grok-2 weights.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="config, parameter counts and memory needs of a checkpoint")
+    p.add_argument("path", help="checkpoint folder, or the preset name grok-1 / grok-2")
+    p.add_argument("--config")
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("prompt")
+
+    p = sub.add_parser("chat", help="interactive chat (/reset, /system TEXT, /exit)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", help="system prompt")
+
+    p = sub.add_parser("convert", help="write any checkpoint as a Grok-2-layout safetensors folder")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--config")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the written tensors")
+    p.add_argument("--preshard", type=int, default=0, metavar="TP", help="split experts into TP files like the release")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+
+    p = sub.add_parser("make-tiny", help="a tiny random checkpoint in the exact release layout")
+    p.add_argument("--arch", required=True, choices=["grok-1", "grok-2"])
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    return parser
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidArgumentError(f"--set expects FIELD=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _load(args):
+    from .lm import load
+
+    if not args.model:
+        raise InvalidArgumentError("no model given: pass --model PATH (or set GROKSTACK_MODEL)")
+    return load(args.model, dtype=args.dtype, config=args.config, **_overrides(args.set))
+
+
+def _sampling(args, default_temperature: float) -> dict:
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": default_temperature if args.temperature is None else args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+
+
+def _print_stream(events) -> str | None:
+    finish = None
+    for ev in events:
+        if ev.text:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        finish = ev.finish_reason or finish
+    sys.stdout.write("\n")
+    return finish
+
+
+# ------------------------------------------------------------------------------ commands
+def cmd_inspect(args) -> int:
+    from .config import grok1_preset, grok2_preset
+    from .loading import inspect_checkpoint
+
+    presets = {"grok-1": grok1_preset, "grok-2": grok2_preset}
+    if args.path in presets and not Path(args.path).exists():
+        cfg, fmt = presets[args.path](), "preset"
+    else:
+        ckpt = inspect_checkpoint(Path(args.path), Path(args.config) if args.config else None)
+        cfg, fmt = ckpt.config, ckpt.format
+    counts = cfg.parameter_counts()
+    print(f"{args.path}: {cfg.arch} ({fmt})")
+    print(
+        f"  layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads} q / {cfg.num_kv_heads} kv "
+        f"x {cfg.head_dim}, experts {cfg.num_experts} (top {cfg.num_experts_per_tok}) x {cfg.moe_intermediate_size}"
+        + (f", dense MLP {cfg.intermediate_size}" if cfg.residual_moe else "")
+    )
+    print(f"  vocab {cfg.vocab_size}, context {cfg.context_length}, rope theta {cfg.rope_theta} ({cfg.rope_type})")
+    print(
+        f"  caps: attention {cfg.attn_softcap or 'off'}, router {cfg.router_softcap or 'off'}, "
+        f"final {cfg.final_softcap or 'off'}; attention temperature L={cfg.attn_temperature_len or 'off'}; "
+        f"gelu {cfg.gelu}"
+    )
+    print(f"  parameters: total {counts['total'] / 1e9:.2f}B, active per token {counts['active'] / 1e9:.2f}B")
+    print("  weight bytes:")
+    for name, nbytes in (("fp32", 4), ("bf16", 2), ("int8", 1), ("int4", 0.5)):
+        print(f"    {name:5s} {counts['total'] * nbytes / GIB:10.2f} GiB")
+    kv = cfg.kv_bytes_per_token(2)
+    print(f"  KV cache (bf16): {kv / 1024:.0f} KiB/token, {kv * cfg.context_length / GIB:.2f} GiB at full context")
+    print("  memory per GPU, bf16 weights + one full-context sequence (weights and KV split evenly):")
+    for gpus in (1, 2, 4, 8):
+        need = (counts["total"] * 2 + kv * cfg.context_length) / gpus
+        print(f"    {gpus} GPU(s): {need / GIB:10.2f} GiB each")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    lm = _load(args)
+    ids = lm.chat_ids([{"role": "user", "content": args.prompt}]) if args.chat else lm.encode(args.prompt)
+    _print_stream(lm.stream(ids, **_sampling(args, 0.0)))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    lm = _load(args)
+    lm._need_tokenizer()
+    system = args.system
+    history: list[dict] = []
+    sampling = _sampling(args, 0.7)
+    print(f"grokstack chat with {args.model} ({lm.config.arch}). /reset, /system TEXT, /exit; Ctrl-C stops a reply.")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = []
+            print("(history cleared)")
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system") :].strip() or None
+            history = []
+            print(f"(system prompt {'set' if system else 'cleared'}; history cleared)")
+            continue
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for ev in lm.stream(lm.chat_ids(messages), **sampling):
+                reply.append(ev.text)
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        except GrokstackError as exc:  # e.g. the conversation outgrew the context: keep the session
+            print(f"\nerror: {exc}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(reply)}]
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise InvalidArgumentError(f"{out} is not empty; pass --force to write into it")
+
+
+def cmd_convert(args) -> int:
+    from .lm import load, parse_dtype
+    from .loading.safetensors_folder import save_safetensors_folder
+    from .tokenizer import find_tokenizer_file
+
+    out = Path(args.out)
+    dtype = parse_dtype(args.dtype)
+    if args.preshard < 0:
+        raise InvalidArgumentError("--preshard must be >= 0")
+    _prepare_out(out, args.force)
+    lm = load(args.src, dtype=dtype, config=args.config)
+    files = save_safetensors_folder(lm.model, out, dtype, preshard=args.preshard)
+    tok = find_tokenizer_file(Path(args.src))
+    if tok:
+        shutil.copyfile(tok, out / tok.name)
+    print(f"wrote {len(files)} safetensors files, config.json{' and ' + tok.name if tok else ''} to {out}")
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny
+
+    out = Path(args.out)
+    _prepare_out(out, args.force)
+    make_tiny(args.arch, out, args.seed)
+    print(f"wrote a tiny {args.arch} checkpoint to {out}")
+    return 0
+
+
+COMMANDS = {
+    "inspect": cmd_inspect,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "convert": cmd_convert,
+    "make-tiny": cmd_make_tiny,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except GrokstackError as exc:
+        print(f"grokstack: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("grokstack: error: out of memory; try --dtype bfloat16 or a machine with more RAM", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, not bad input: say so plainly
+        if os.environ.get("GROKSTACK_DEBUG"):
+            traceback.print_exc()
+        msg = f"grokstack: internal error: {type(exc).__name__}: {exc} (GROKSTACK_DEBUG=1 shows details)"
+        print(msg, file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
