@@ -1,0 +1,105 @@
+"""The command line: real subprocesses, clear errors and exit codes, never a traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from grokstack.tiny import make_tiny
+
+
+def run(*args, input=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("GROKSTACK_MODEL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "grokstack.cli", *args], capture_output=True, text=True, input=input, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny2(tmp_path_factory):
+    return make_tiny("grok-2", tmp_path_factory.mktemp("cli2"))
+
+
+def test_make_tiny_then_generate(tmp_path):
+    out = tmp_path / "tiny"
+    r = run("make-tiny", "--arch", "grok-2", str(out))
+    assert r.returncode == 0, r.stderr
+    r = run("generate", "--model", str(out), "--max-tokens", "8", "--temperature", "0", "Hello")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    again = run("make-tiny", "--arch", "grok-2", str(out))
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+def test_inspect_presets_and_folder(tiny2):
+    r = run("inspect", "grok-2")
+    assert r.returncode == 0 and "total 269.52B" in r.stdout and "active per token 114.90B" in r.stdout
+    r = run("inspect", "grok-1")
+    assert "total 315.68B" in r.stdout and "active per token 83.76B" in r.stdout
+    r = run("inspect", str(tiny2))
+    assert r.returncode == 0 and "grok-2 (safetensors)" in r.stdout
+
+
+def test_convert_presharded(tiny2, tmp_path):
+    out = tmp_path / "conv"
+    r = run("convert", str(tiny2), str(out), "--preshard", "2", "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert (out / "pytorch_model-00006-TP-001.safetensors").exists()
+    assert (out / "tokenizer.tok.json").exists()
+    assert json.loads((out / "config.json").read_text())["grokstack"]["arch"] == "grok-2"
+    a = run("generate", "--model", str(tiny2), "--max-tokens", "6", "--temperature", "0", "Hi")
+    b = run("generate", "--model", str(out), "--max-tokens", "6", "--temperature", "0", "Hi")
+    assert a.stdout == b.stdout
+
+
+def test_chat_session(tiny2):
+    r = run("chat", "--model", str(tiny2), "--max-tokens", "4", "--seed", "1",
+            input="hello\n/system be brief\nagain\n/reset\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "system prompt set" in r.stdout and "history cleared" in r.stdout
+
+
+def test_knob_override_and_bad_knob(tiny2):
+    r = run("generate", "--model", str(tiny2), "--set", "gelu=tanh", "--max-tokens", "3", "x")
+    assert r.returncode == 0, r.stderr
+    r = run("generate", "--model", str(tiny2), "--set", "gelu=cubic", "x")
+    assert r.returncode == 1 and "gelu must be one of" in r.stderr
+    r = run("generate", "--model", str(tiny2), "--set", "nonsense=1", "x")
+    assert r.returncode == 1 and "unknown config field" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["generate", "--model", "/does/not/exist", "x"], 1, "no such file"),
+        (["generate", "x"], 2, "no model given"),
+        (["generate", "--model", "DIR", "--dtype", "float16", "x"], 2, "unknown dtype"),
+        (["generate", "--model", "DIR", "--max-tokens", "0", "x"], 2, "max_tokens"),
+        (["generate", "--model", "DIR", "word " * 400], 1, "context"),
+        (["generate", "--model", "EMPTY", "x"], 1, "not a checkpoint"),
+    ],
+)
+def test_bad_input_clear_errors(tiny2, tmp_path, args, code, message):
+    args = [a.replace("EMPTY", str(tmp_path)).replace("DIR", str(tiny2)) for a in args]
+    r = run(*args)
+    assert r.returncode == code, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_shard_and_truncated_file(tiny2, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "c"
+    shutil.copytree(tiny2, ckpt)
+    (ckpt / "pytorch_model-00008-TP-005.safetensors").unlink()
+    r = run("generate", "--model", str(ckpt), "x")
+    assert r.returncode == 1 and "missing TP shard(s) [5]" in r.stderr and "Traceback" not in r.stderr
+    shutil.copy(tiny2 / "pytorch_model-00008-TP-005.safetensors", ckpt)
+    f = ckpt / "pytorch_model-00003-TP-common.safetensors"
+    f.write_bytes(f.read_bytes()[:50])
+    r = run("generate", "--model", str(ckpt), "x")
+    assert r.returncode == 1 and "00003-TP-common" in r.stderr and "Traceback" not in r.stderr
