@@ -14,7 +14,8 @@ def run(*args, input=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("GROKSTACK_MODEL", None)
     return subprocess.run(
-        [sys.executable, "-m", "grokstack.cli", *args], capture_output=True, text=True, input=input, env=env, timeout=300
+        [sys.executable, "-m", "grokstack.cli", *args],
+        capture_output=True, text=True, input=input, env=env, timeout=300,
     )
 
 

@@ -44,7 +44,8 @@ def test_grok2_specials_allowed_or_plain(tok2):
 
 
 def test_grok2_chat_template(tok2):
-    ids = tok2.chat_ids([{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "What is your name?"}])
+    messages = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "What is your name?"}]
+    ids = tok2.chat_ids(messages)
     assert tok2.decode(ids) == "System: Be brief.<|separator|>\n\nHuman: What is your name?<|separator|>\n\nAssistant:"
     # the template tokenizes like the rendered string (SGLang encodes it whole)
     assert ids == tok2.encode(tok2.decode(ids))
