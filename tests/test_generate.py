@@ -80,6 +80,9 @@ def test_context_is_enforced(lm):
         lm.generate([5] * ctx, max_tokens=1)
     c = lm.generate([5] * (ctx - 3), max_tokens=50, temperature=0, ignore_eos=True)
     assert len(c.token_ids) == 3 and c.finish_reason == "length"
+    # a row clamped by the context finishes early while a short row goes on
+    long, short = lm.generate([[5] * (ctx - 3), [6, 7]], max_tokens=20, temperature=0, ignore_eos=True)
+    assert len(long.token_ids) == 3 and len(short.token_ids) == 20
 
 
 def test_logprobs(lm):

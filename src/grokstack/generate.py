@@ -196,6 +196,7 @@ def stream_batch(
             return
         logits = model(next_ids.to(device), positions[:, None].to(device), cache)[:, -1].float().cpu()
         positions += 1
+        positions.clamp_(max=cache.max_len - 1)  # only finished rows reach the end; they write nowhere useful
 
 
 def generate_batch(
