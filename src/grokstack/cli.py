@@ -161,7 +161,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     lm = _load(args)
-    lm._need_tokenizer()
+    lm.need_tokenizer()
     system = args.system
     history: list[dict] = []
     sampling = _sampling(args, 0.7)

@@ -54,10 +54,10 @@ class LM:
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            return self._need_tokenizer().encode(prompt)
+            return self.need_tokenizer().encode(prompt)
         return list(prompt)
 
-    def _need_tokenizer(self) -> Tokenizer:
+    def need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise TokenizerError(
                 "this checkpoint has no tokenizer file (tokenizer.tok.json or tokenizer.model); "
@@ -77,7 +77,7 @@ class LM:
         return stream_batch(self.model, self.tokenizer, [self.encode(prompt)], SamplingParams(**sampling))
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
-        return self._need_tokenizer().chat_ids(messages)
+        return self.need_tokenizer().chat_ids(messages)
 
     def chat(self, messages: list[dict], stream: bool = False, **sampling: Any) -> Completion | Iterator[Event]:
         ids = self.chat_ids(messages)
