@@ -128,3 +128,21 @@ def test_grok1_base_model_without_tokenizer_takes_ids(tmp_path):
     assert len(c.token_ids) == 4 and c.text == ""
     with pytest.raises(grokstack.GrokstackError, match="no tokenizer"):
         lm1.generate("text")
+
+
+def test_chunked_prefill_equals_one_shot(lm, monkeypatch):
+    import grokstack.generate as gen
+
+    prompts = ["The quick brown fox jumps over the lazy dog", "Grok"]
+    want = lm.generate(prompts, max_tokens=6, temperature=0, ignore_eos=True)
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 4)
+    got = lm.generate(prompts, max_tokens=6, temperature=0, ignore_eos=True)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+def test_earliest_stop_string_wins(lm):
+    kw = dict(max_tokens=20, temperature=0, ignore_eos=True)
+    full = lm.generate("Tell me", **kw).text
+    early, late = full[4:6], full[9:12]
+    assert full.find(early) < full.find(late)
+    assert lm.generate("Tell me", stop=[late, early], **kw).text == full[: full.find(early)]

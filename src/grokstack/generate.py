@@ -66,11 +66,10 @@ class _Row:
         """Append decoded text; return what may be released now and whether a stop string ended it."""
         self.text += delta
         stops = self.params.stop
-        for s in stops:
-            i = self.text.find(s, max(0, self.emitted - len(s) + 1))
-            if i >= 0:
-                self.text = self.text[:i]
-                return self._release(len(self.text)), True
+        hits = [i for s in stops if (i := self.text.find(s, max(0, self.emitted - len(s) + 1))) >= 0]
+        if hits:  # cut at the earliest stop string
+            self.text = self.text[: min(hits)]
+            return self._release(len(self.text)), True
         hold = 0
         for s in stops:  # the longest text suffix that may still grow into a stop string
             for n in range(min(len(s) - 1, len(self.text) - self.emitted), 0, -1):
