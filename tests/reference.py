@@ -19,6 +19,8 @@ def rms(x, w, eps):
 
 
 def gelu(x, kind):
+    if kind == "silu":
+        return x / (1 + np.exp(-x))
     if kind == "tanh":
         return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
     return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
@@ -68,24 +70,24 @@ def forward(c: dict, W: dict, tokens: np.ndarray, return_hidden: bool = False):
             e = np.exp(s - s.max(axis=1, keepdims=True))
             o[:, h] = (e / e.sum(axis=1, keepdims=True)) @ v[:, kh]
         hout = o.reshape(T, Hq * D) @ W[p + "self_attn.o_proj.weight"].T
-        x = x + rms(hout, W[p + "post_attn_norm.weight"], c["eps"])
+        x = x + (rms(hout, W[p + "post_attn_norm.weight"], c["eps"]) if c["sandwich"] else hout)
         m = rms(x, W[p + "pre_moe_norm.weight"], c["eps"])
-        r = cap(m @ W[p + "block_sparse_moe.gate.weight"].T, c["router_softcap"])  # [T, E]
-        pr = np.exp(r - r.max(axis=1, keepdims=True))
-        pr = pr / pr.sum(axis=1, keepdims=True)
         moe = np.zeros_like(m)
-        for t in range(T):
-            order = sorted(range(pr.shape[1]), key=lambda e, t=t: (-pr[t, e], e))[: c["top_k"]]
-            for e in order:
-                ep = p + f"block_sparse_moe.experts.{e}."
-                hid = gelu(m[t] @ W[ep + "w1.weight"].T, c["gelu"]) * (m[t] @ W[ep + "w3.weight"].T)
-                moe[t] += pr[t, e] * (hid @ W[ep + "w2.weight"].T)
-        if c["residual_moe"]:
+        if c["num_experts"]:
+            r = cap(m @ W[p + "block_sparse_moe.gate.weight"].T, c["router_softcap"])  # [T, E]
+            pr = np.exp(r - r.max(axis=1, keepdims=True))
+            pr = pr / pr.sum(axis=1, keepdims=True)
+            for t in range(T):
+                order = sorted(range(pr.shape[1]), key=lambda e, t=t: (-pr[t, e], e))[: c["top_k"]]
+                for e in order:
+                    ep = p + f"block_sparse_moe.experts.{e}."
+                    hid = gelu(m[t] @ W[ep + "w1.weight"].T, c["gelu"]) * (m[t] @ W[ep + "w3.weight"].T)
+                    moe[t] += pr[t, e] * (hid @ W[ep + "w2.weight"].T)
+        if c["dense"]:
             dense = gelu(m @ W[p + "mlp.gate_proj.weight"].T, c["gelu"]) * (m @ W[p + "mlp.up_proj.weight"].T)
-            f = (dense @ W[p + "mlp.down_proj.weight"].T + moe) / math.sqrt(2)
-        else:
-            f = moe
-        x = x + rms(f, W[p + "post_moe_norm.weight"], c["eps"])
+            dense = dense @ W[p + "mlp.down_proj.weight"].T
+        f = (dense + moe) / math.sqrt(2) if c["num_experts"] and c["dense"] else (moe if c["num_experts"] else dense)
+        x = x + (rms(f, W[p + "post_moe_norm.weight"], c["eps"]) if c["sandwich"] else f)
         hidden.append(x)
     h = rms(x, W["model.norm.weight"], c["eps"])
     out = W.get("lm_head.weight", W["model.embed_tokens.weight"])
@@ -102,5 +104,6 @@ def config_dict(cfg) -> dict:
         "router_softcap": cfg.router_softcap, "final_softcap": cfg.final_softcap,
         "attn_temperature_len": cfg.attn_temperature_len, "rope_theta": cfg.rope_theta,
         "mask_pad_keys": cfg.mask_pad_keys, "pad_token_id": cfg.pad_token_id, "top_k": cfg.num_experts_per_tok,
-        "gelu": cfg.gelu, "residual_moe": cfg.residual_moe,
+        "gelu": "silu" if cfg.hidden_act == "silu" else cfg.gelu, "num_experts": cfg.num_experts,
+        "dense": cfg.residual_moe or cfg.num_experts == 0, "sandwich": cfg.norm_style == "sandwich",
     }

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from grokstack.config import ModelConfig
 from grokstack.kv_cache import KVCache
 from grokstack.loading.weights import iter_hf_tensors
 from grokstack.tiny import random_model, tiny_config
@@ -179,3 +180,19 @@ def test_bf16_path_tracks_fp32():
         a, b = f32(tokens), b16(tokens)
     assert b.dtype == torch.float32
     assert rel_err(b, a) < 0.15  # bf16 catches gross errors only (routing may flip)
+
+
+def test_llama_family_switches_match_reference():
+    # The bundled default model is a Llama: pre-norm only, SiLU gated dense MLP, no caps, tied embeddings.
+    cfg = ModelConfig(
+        arch="llama", vocab_size=300, hidden_size=48, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8,
+        moe_intermediate_size=0, num_experts=0, num_experts_per_tok=0, intermediate_size=80,
+        attn_softcap=0.0, rope_theta=100000, tie_word_embeddings=True, norm_style="pre", hidden_act="silu",
+    )
+    model = random_model(cfg, seed=5)
+    assert model.layers[0].post_attn_norm is None and model.layers[0].block_sparse_moe is None
+    tokens = prompt(cfg, 14, seed=12)
+    with torch.no_grad():
+        got = model(tokens[None])[0].numpy()
+    want = reference.forward(reference.config_dict(cfg), numpy_weights(model), tokens.numpy())
+    assert rel_err(got, want) < 1e-5

@@ -16,8 +16,10 @@ from typing import Any
 
 from .errors import ConfigError
 
-ARCHES = ("grok-1", "grok-2")
+ARCHES = ("grok-1", "grok-2", "llama")  # llama: the dense family the bundled default model uses
 GELUS = ("erf", "tanh")
+HIDDEN_ACTS = ("gelu", "silu")
+NORM_STYLES = ("sandwich", "pre")
 TEMPERATURE_STYLES = ("log2_after_cap", "log2_before_cap", "inv_linear", "none")
 ROPE_ORIGINAL_AS = ("plain", "yarn")
 ROUTER_DTYPES = ("float32", "model")
@@ -32,6 +34,8 @@ KNOBS = (
     "rope_original_as",
     "attn_out_multiplier_on_o",
     "dense_gelu_round_bf16",
+    "norm_style",
+    "hidden_act",
 )
 
 
@@ -73,6 +77,9 @@ class ModelConfig:
     pad_token_id: int = 0
     bos_token_id: int | None = None
     eos_token_id: int = 2
+    # Model family switches (not engine disagreements): Grok = sandwich norms + GELU; Llama = pre-norm + SiLU.
+    norm_style: str = "sandwich"
+    hidden_act: str = "gelu"
 
     # --- knobs: one per known disagreement between engines ----------------------------------
     # "erf" = SGLang / vLLM / hpcai (Grok-2 reference); "tanh" = xAI JAX, llama.cpp, sgl-jax.
@@ -108,14 +115,17 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(
-            self.num_experts > 0,
-            "num_local_experts is 0; models without experts are not supported (SGLang raises too)",
+            self.num_experts > 0 or self.arch == "llama",
+            "num_local_experts is 0; Grok models without experts are not supported (SGLang raises too)",
         )
-        need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
-        need(
-            0 < self.num_experts_per_tok <= self.num_experts,
-            f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..{self.num_experts}",
-        )
+        if self.num_experts:
+            need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
+            need(
+                0 < self.num_experts_per_tok <= self.num_experts,
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..{self.num_experts}",
+            )
+        else:
+            need(self.intermediate_size > 0, "a model without experts needs intermediate_size > 0")
         need(
             self.num_heads % self.num_kv_heads == 0,
             f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads="
@@ -124,6 +134,8 @@ class ModelConfig:
         need(self.head_dim % 2 == 0, "head_dim must be even for RoPE")
         need(not self.residual_moe or self.intermediate_size > 0, "residual_moe needs intermediate_size > 0")
         need(self.gelu in GELUS, f"gelu must be one of {GELUS}")
+        need(self.hidden_act in HIDDEN_ACTS, f"hidden_act must be one of {HIDDEN_ACTS}")
+        need(self.norm_style in NORM_STYLES, f"norm_style must be one of {NORM_STYLES}")
         need(self.router_dtype in ROUTER_DTYPES, f"router_dtype must be one of {ROUTER_DTYPES}")
         need(
             self.attn_temperature_style in TEMPERATURE_STYLES,
@@ -136,6 +148,10 @@ class ModelConfig:
             "sliding-window attention (sliding_window_size > 0) is not supported",
         )
         need(self.max_position_embeddings > 0, "max_position_embeddings must be positive")
+
+    @property
+    def has_dense_mlp(self) -> bool:
+        return self.residual_moe or self.num_experts == 0
 
     @property
     def context_length(self) -> int:
@@ -154,8 +170,9 @@ class ModelConfig:
         d, f, e = self.hidden_size, self.moe_intermediate_size, self.num_experts
         attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
         expert = 3 * d * f
-        dense = 3 * d * self.intermediate_size if self.residual_moe else 0
-        per_layer_fixed = attn + dense + d * e + 4 * d
+        dense = 3 * d * self.intermediate_size if self.has_dense_mlp else 0
+        norms = (4 if self.norm_style == "sandwich" else 2) * d
+        per_layer_fixed = attn + dense + d * e + norms
         embed = self.vocab_size * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         fixed = embed + head + d + self.num_layers * per_layer_fixed

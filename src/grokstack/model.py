@@ -35,8 +35,11 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
-def gelu(x: torch.Tensor, kind: str) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh" if kind == "tanh" else "none")
+def activation(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The gated FFN's activation: GELU (erf or tanh, per the `gelu` knob) for Grok, SiLU for Llama."""
+    if cfg.hidden_act == "silu":
+        return F.silu(x)
+    return F.gelu(x, approximate="tanh" if cfg.gelu == "tanh" else "none")
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -216,7 +219,7 @@ class MoE(nn.Module):
         for e in torch.unique(ids).tolist():
             rows, slot = torch.nonzero(ids == e, as_tuple=True)
             h = x[rows]
-            a = (gelu((h @ w.w1[e].T).float(), self.cfg.gelu) * (h @ w.w3[e].T).float()).to(x.dtype)
+            a = (activation((h @ w.w1[e].T).float(), self.cfg) * (h @ w.w3[e].T).float()).to(x.dtype)
             y = a @ w.w2[e].T  # [n, D]
             out.index_add_(0, rows, (y.float() * weights[rows, slot, None]).to(x.dtype))
         return out.view(shape)
@@ -231,7 +234,7 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = gelu(self.gate_proj(x).float(), self.cfg.gelu)
+        g = activation(self.gate_proj(x).float(), self.cfg)
         u = self.up_proj(x)
         if self.cfg.dense_gelu_round_bf16:
             a = g.to(x.dtype) * u
@@ -241,27 +244,32 @@ class DenseMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Grok: sandwich norms, each post-norm before its residual add. Llama: pre-norms only."""
+
     def __init__(self, cfg: ModelConfig, index: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.index = index
-        self.residual_moe = cfg.residual_moe
         self.self_attn = Attention(cfg, dtype)
-        self.block_sparse_moe = MoE(cfg, dtype)
-        self.mlp = DenseMLP(cfg, dtype) if cfg.residual_moe else None
-        eps = cfg.rms_norm_eps
-        self.pre_attn_norm = RMSNorm(cfg.hidden_size, eps)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, eps)
-        self.pre_moe_norm = RMSNorm(cfg.hidden_size, eps)
-        self.post_moe_norm = RMSNorm(cfg.hidden_size, eps)
+        self.block_sparse_moe = MoE(cfg, dtype) if cfg.num_experts else None
+        self.mlp = DenseMLP(cfg, dtype) if cfg.has_dense_mlp else None
+        eps, d = cfg.rms_norm_eps, cfg.hidden_size
+        sandwich = cfg.norm_style == "sandwich"
+        self.pre_attn_norm = RMSNorm(d, eps)
+        self.post_attn_norm = RMSNorm(d, eps) if sandwich else None
+        self.pre_moe_norm = RMSNorm(d, eps)
+        self.post_moe_norm = RMSNorm(d, eps) if sandwich else None
 
     def forward(self, x, cos, sin, positions, cache, key_valid) -> torch.Tensor:
         h = self.self_attn(self.pre_attn_norm(x), cos, sin, positions, self.index, cache, key_valid)
-        x = x + self.post_attn_norm(h)
+        x = x + (self.post_attn_norm(h) if self.post_attn_norm is not None else h)
         m = self.pre_moe_norm(x)
-        f = self.block_sparse_moe(m)
-        if self.mlp is not None:
-            f = (self.mlp(m) + f) / math.sqrt(2)
-        return x + self.post_moe_norm(f)
+        if self.block_sparse_moe is None:
+            f = self.mlp(m)
+        elif self.mlp is None:
+            f = self.block_sparse_moe(m)
+        else:
+            f = (self.mlp(m) + self.block_sparse_moe(m)) / math.sqrt(2)  # Grok-2 residual MoE
+        return x + (self.post_moe_norm(f) if self.post_moe_norm is not None else f)
 
 
 # ------------------------------------------------------------------------------------ model

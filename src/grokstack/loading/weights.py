@@ -30,15 +30,21 @@ def hf_names(cfg: ModelConfig) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
+    norms = ("pre_attn_norm", "post_attn_norm", "pre_moe_norm", "post_moe_norm")
+    if cfg.norm_style == "pre":
+        norms = ("pre_attn_norm", "pre_moe_norm")
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         names += [p + f"self_attn.{n}_proj.weight" for n in "qkvo"]
-        names += [p + f"{n}.weight" for n in ("pre_attn_norm", "post_attn_norm", "pre_moe_norm", "post_moe_norm")]
-        names.append(p + "block_sparse_moe.gate.weight")
-        names += [
-            p + f"block_sparse_moe.experts.{e}.{w}.weight" for e in range(cfg.num_experts) for w in ("w1", "w2", "w3")
-        ]
-        if cfg.residual_moe:
+        names += [p + f"{n}.weight" for n in norms]
+        if cfg.num_experts:
+            names.append(p + "block_sparse_moe.gate.weight")
+            names += [
+                p + f"block_sparse_moe.experts.{e}.{w}.weight"
+                for e in range(cfg.num_experts)
+                for w in ("w1", "w2", "w3")
+            ]
+        if cfg.has_dense_mlp:
             names += [p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
     return names
 
