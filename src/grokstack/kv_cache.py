@@ -31,13 +31,14 @@ class KVCache:
         self._rows = torch.arange(batch_size, device=device)[:, None]  # [B, 1]
         self._positions: torch.Tensor | None = None
 
-    def begin(self, positions: torch.Tensor, key_valid: torch.Tensor) -> None:
-        """Start a forward step that writes `positions` [B, T] (validity of those keys [B, T])."""
+    def begin(self, positions: torch.Tensor, key_valid: torch.Tensor | None) -> None:
+        """Start a forward step that writes `positions` [B, T]; key_valid [B, T] only for pad-masking models."""
         top = int(positions.max()) + 1
         if top > self.max_len:
             raise ContextLengthError(f"position {top - 1} is past the KV cache of {self.max_len} tokens")
         self._positions = positions
-        self.key_valid[self._rows, positions] = key_valid
+        if key_valid is not None:
+            self.key_valid[self._rows, positions] = key_valid
         self.length = max(self.length, top)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

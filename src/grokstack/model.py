@@ -161,7 +161,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-            key_valid = cache.valid_keys()
+            if key_valid is not None:  # only pad-masking models (Grok-1) pay for the key mask
+                key_valid = cache.valid_keys()
         h = self.o_proj(attend(cfg, q, k, v, positions, key_valid))
         if cfg.attn_out_multiplier_on_o:
             h = h * cfg.qk_scale
@@ -308,7 +309,7 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         key_valid = tokens != cfg.pad_token_id if cfg.mask_pad_keys else None  # Grok-1 masks pad keys
         if cache is not None:
-            cache.begin(positions, key_valid if key_valid is not None else torch.ones_like(tokens, dtype=torch.bool))
+            cache.begin(positions, key_valid)
         cos, sin = rope_cos_sin(cfg, positions)
         x = self.embed_tokens(tokens) * cfg.embedding_multiplier  # [B, T, D]
         for layer in self.layers:
