@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import traceback
+from collections import Counter
 from pathlib import Path
 
 from .errors import GrokstackError, InvalidArgumentError
@@ -20,7 +21,12 @@ GIB = 1 << 30
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=os.environ.get("GROKSTACK_MODEL"), help="checkpoint folder (env GROKSTACK_MODEL)")
+    p.add_argument(
+        "--model",
+        default=os.environ.get("GROKSTACK_MODEL", "default"),
+        help="a .gguf file, a checkpoint folder, a Hub id (xai-org/grok-2, org/repo:file.gguf) or 'default', "
+        "the bundled SmolLM2-135M-Instruct (env GROKSTACK_MODEL)",
+    )
     p.add_argument("--config", help="config JSON (official Grok-1 names or HF config.json)")
     p.add_argument("--dtype", default=os.environ.get("GROKSTACK_DTYPE", "float32"), help="float32 or bfloat16")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field/knob")
@@ -43,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="config, parameter counts and memory needs of a checkpoint")
-    p.add_argument("path", help="checkpoint folder, or the preset name grok-1 / grok-2")
+    p.add_argument("path", help="a model (as for --model), or the preset name grok-1 / grok-2")
     p.add_argument("--config")
 
     p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
@@ -86,8 +92,6 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
 def _load(args):
     from .lm import load
 
-    if not args.model:
-        raise InvalidArgumentError("no model given: pass --model PATH (or set GROKSTACK_MODEL)")
     return load(args.model, dtype=args.dtype, config=args.config, **_overrides(args.set))
 
 
@@ -118,20 +122,27 @@ def _print_stream(events) -> str | None:
 # ------------------------------------------------------------------------------ commands
 def cmd_inspect(args) -> int:
     from .config import grok1_preset, grok2_preset
+    from .hub import resolve
     from .loading import inspect_checkpoint
 
     presets = {"grok-1": grok1_preset, "grok-2": grok2_preset}
     if args.path in presets and not Path(args.path).exists():
         cfg, fmt = presets[args.path](), "preset"
     else:
-        ckpt = inspect_checkpoint(Path(args.path), Path(args.config) if args.config else None)
+        ckpt = inspect_checkpoint(resolve(args.path), Path(args.config) if args.config else None)
         cfg, fmt = ckpt.config, ckpt.format
+        if ckpt.gguf is not None:
+            kinds = Counter(t.tensor_type.name for t in ckpt.gguf.tensors.values())
+            fmt = "gguf: " + ", ".join(f"{n} x{c}" for n, c in kinds.most_common())
     counts = cfg.parameter_counts()
     print(f"{args.path}: {cfg.arch} ({fmt})")
+    ffn = f"experts {cfg.num_experts} (top {cfg.num_experts_per_tok}) x {cfg.moe_intermediate_size}"
+    if cfg.has_dense_mlp:
+        dense = f"dense {cfg.hidden_act} MLP {cfg.intermediate_size}"
+        ffn = f"{ffn}, {dense}" if cfg.num_experts else dense
     print(
         f"  layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads} q / {cfg.num_kv_heads} kv "
-        f"x {cfg.head_dim}, experts {cfg.num_experts} (top {cfg.num_experts_per_tok}) x {cfg.moe_intermediate_size}"
-        + (f", dense MLP {cfg.intermediate_size}" if cfg.residual_moe else "")
+        f"x {cfg.head_dim}, {ffn}; {cfg.norm_style} norms"
     )
     print(f"  vocab {cfg.vocab_size}, context {cfg.context_length}, rope theta {cfg.rope_theta} ({cfg.rope_type})")
     print(
@@ -165,7 +176,7 @@ def cmd_chat(args) -> int:
     system = args.system
     history: list[dict] = []
     sampling = _sampling(args, 0.7)
-    print(f"grokstack chat with {args.model} ({lm.config.arch}). /reset, /system TEXT, /exit; Ctrl-C stops a reply.")
+    print(f"grokstack chat with {lm.path.name} ({lm.config.arch}). /reset, /system TEXT, /exit; Ctrl-C stops a reply.")
     while True:
         try:
             line = input("> ")

@@ -61,7 +61,7 @@ class ModelConfig:
     router_softcap: float = 0.0  # 0 = off
     final_softcap: float = 0.0  # 0 = off
     attn_temperature_len: int = 0  # L of Grok-2's attention temperature; <= 0 = off
-    rope_theta: int = 10000
+    rope_theta: float = 10000  # Grok-2 reads it as int (SGLang's int(rope_theta))
     rope_type: str = "default"  # Grok-2 says "original" (plain RoPE in SGLang)
     original_max_position_embeddings: int = 8192
     scaling_factor: float = 1.0

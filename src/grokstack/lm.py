@@ -13,7 +13,8 @@ import torch
 from .config import ModelConfig
 from .errors import InvalidArgumentError, TokenizerError
 from .generate import Completion, Event, generate_batch, stream_batch
-from .loading import inspect_checkpoint, load_weights
+from .hub import resolve
+from .loading import Checkpoint, inspect_checkpoint, load_weights
 from .model import Transformer
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
@@ -87,29 +88,39 @@ class LM:
 
 
 def load(
-    path: str | Path,
+    model: str | Path = "default",
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     config: str | Path | None = None,
     **overrides: Any,
 ) -> LM:
-    """Load a Grok-2 safetensors folder (presharded or not) or a Grok-1 folder with ckpt-0/.
+    """Load a model: `default` (the bundled SmolLM2), a Hub id (`xai-org/grok-2`), a `.gguf` file, a
+    Grok-2 safetensors folder (presharded or not) or a Grok-1 folder with ckpt-0/.
 
     `config` is a JSON file (official Grok-1 names or HF config.json); `overrides` change config
     fields, e.g. the engine knobs (`gelu="tanh"`).
     """
     torch_dtype = parse_dtype(dtype)
-    ckpt = inspect_checkpoint(Path(path), Path(config) if config else None)
+    path = resolve(model)
+    ckpt = inspect_checkpoint(path, Path(config) if config else None)
     if overrides:
         ckpt.config = ckpt.config.with_overrides(overrides)
     with _progress(ckpt) as bar:
-        model = load_weights(ckpt, torch_dtype, bar)
-    model = model.to(device)
-    tok_file = find_tokenizer_file(Path(path))
-    tokenizer = load_tokenizer(tok_file) if tok_file else None
+        weights = load_weights(ckpt, torch_dtype, bar)
+    weights = weights.to(device)
+    tokenizer = _tokenizer_for(ckpt)
     if tokenizer is None:
         log.warning("no tokenizer file found next to %s; generation needs token ids", path)
-    return LM(model, tokenizer, Path(path))
+    return LM(weights, tokenizer, ckpt.path)
+
+
+def _tokenizer_for(ckpt: Checkpoint) -> Tokenizer | None:
+    if ckpt.gguf is not None:
+        from .loading.gguf_vocab import gguf_tokenizer
+
+        return gguf_tokenizer(ckpt.gguf)
+    tok_file = find_tokenizer_file(ckpt.path)
+    return load_tokenizer(tok_file) if tok_file else None
 
 
 class _progress:
@@ -124,11 +135,14 @@ class _progress:
             return None
         from tqdm import tqdm
 
-        if self.ckpt.format == "grok1-ckpt":
+        if self.ckpt.format == "gguf":
+            total = len(self.ckpt.gguf.tensors)
+        elif self.ckpt.format == "grok1-ckpt":
             total = 2 + 12 * self.ckpt.config.num_layers
         else:
             total = len(list(self.ckpt.path.glob("*.safetensors")))
-        self.bar = tqdm(total=total, desc="loading", unit="file", leave=False)
+        unit = "tensor" if self.ckpt.format == "gguf" else "file"
+        self.bar = tqdm(total=total, desc="loading", unit=unit, leave=False)
         return self.bar.update
 
     def __exit__(self, *exc) -> None:

@@ -1,7 +1,8 @@
 """Tokenizers behind one interface, the Grok-2 chat template, and streaming detokenisation.
 
 Grok-2: `tokenizer.tok.json` turned into a `tiktoken.Encoding` (spec §7.2). Grok-1: the
-SentencePiece `tokenizer.model` (spec §7.1). Neither adds a BOS.
+SentencePiece `tokenizer.model` (spec §7.1). Neither adds a BOS. GGUF vocabularies (the bundled
+default model, community Grok quants): `BPETokenizer`, built by `loading.gguf_vocab`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+from . import chat_template
 from .errors import TokenizerError
 
 # Grok-2's "V1" split regex (needs the `regex` module's \p classes; tiktoken's engine has them).
@@ -147,16 +149,21 @@ class Grok2Tokenizer(Tokenizer):
 class SentencePieceTokenizer(Tokenizer):
     """Grok-1's `tokenizer.model`; a base model, so chat is the raw text of the messages."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, source: Path | bytes, name: str | None = None) -> None:
+        """`source`: a `tokenizer.model` file, or a serialized ModelProto (built from a GGUF)."""
         import sentencepiece as spm
 
-        if not Path(path).is_file():
-            raise TokenizerError(f"tokenizer file not found: {path}")
         self.sp = spm.SentencePieceProcessor()
+        name = name or str(source)
         try:
-            self.sp.load(str(path))
+            if isinstance(source, bytes):
+                self.sp.load_from_serialized_proto(source)
+            elif not Path(source).is_file():
+                raise TokenizerError(f"tokenizer file not found: {source}")
+            else:
+                self.sp.load(str(source))
         except (OSError, RuntimeError) as exc:
-            raise TokenizerError(f"{path} is not a SentencePiece model ({exc})") from None
+            raise TokenizerError(f"{name} is not a SentencePiece model ({exc})") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else 2
         self.stop_ids = frozenset({self.eos_id})
@@ -186,6 +193,94 @@ class SentencePieceTokenizer(Tokenizer):
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         _check_roles(messages)
         return self.encode("\n\n".join(m["content"] for m in messages))
+
+
+class BPETokenizer(Tokenizer):
+    """A vocabulary run by the `tokenizers` library, chatting through the model's own Jinja template.
+
+    `token_bytes` gives each id's bytes (built by whoever knows the vocabulary's byte mapping);
+    `specials` are control tokens: matched in template text, plain text inside message contents.
+    """
+
+    def __init__(
+        self,
+        backend,
+        *,
+        token_bytes: list[bytes],
+        specials: dict[str, int],
+        eos_id: int,
+        stop_ids: set[int],
+        bos_id: int | None = None,
+        add_bos: bool = False,
+        template: str | None = None,
+        name: str = "gguf",
+    ) -> None:
+        self.backend = backend
+        self.plain = backend.__class__.from_str(backend.to_str())
+        self.plain.encode_special_tokens = True  # special texts stay text
+        self._bytes = token_bytes
+        self.special_ids = dict(specials)
+        self._special_set = set(specials.values())
+        self.vocab_size = len(token_bytes)
+        self.eos_id = eos_id
+        self.stop_ids = frozenset(stop_ids)
+        self.bos_id = bos_id
+        self.add_bos = add_bos and bos_id is not None
+        self.template = template
+        self.name = name
+        pattern = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))
+        self._special_re = re.compile(f"({pattern})") if specials else None
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        ids = (self.backend if allow_special else self.plain).encode(text, add_special_tokens=False).ids
+        return self._with_bos(ids)
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        if self.add_bos and (not ids or ids[0] != self.bos_id):
+            return [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        id_to_special = {i: s for s, i in self.special_ids.items()}
+        out = b"".join(id_to_special[i].encode() if i in id_to_special else self.token_bytes(i) for i in ids)
+        return out.decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self._special_set or not 0 <= token_id < len(self._bytes):
+            return b""
+        return self._bytes[token_id]
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The model's template; specials in the template become ids, contents are encoded as text."""
+        _check_roles(messages)
+        if not self.template:
+            raise TokenizerError(f"{self.name} has no chat template (tokenizer.chat_template); use plain generate")
+        tokens = {
+            "bos_token": self._text_of(self.bos_id),
+            "eos_token": self._text_of(self.eos_id),
+        }
+        segments = chat_template.render_segments(self.template, messages, add_generation_prompt, **tokens)
+        ids: list[int] = []
+        text = ""  # plain text between specials, joined so it splits exactly like the rendered string
+        for seg, is_content in segments:
+            pieces = [seg] if is_content or self._special_re is None else self._special_re.split(seg)
+            for k, piece in enumerate(pieces):
+                if k % 2 == 0:
+                    text += piece
+                    continue
+                ids += self.plain.encode(text, add_special_tokens=False).ids
+                ids.append(self.special_ids[piece])
+                text = ""
+        ids += self.plain.encode(text, add_special_tokens=False).ids
+        return self._with_bos(ids)
+
+    def _text_of(self, token_id: int | None) -> str:
+        if token_id is None:
+            return ""
+        for text, i in self.special_ids.items():
+            if i == token_id:
+                return text
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
 def find_tokenizer_file(folder: Path) -> Path | None:
