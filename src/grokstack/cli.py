@@ -122,8 +122,8 @@ def _print_stream(events) -> str | None:
 # ------------------------------------------------------------------------------ commands
 def cmd_inspect(args) -> int:
     from .config import grok1_preset, grok2_preset
-    from .hub import resolve
     from .loading import inspect_checkpoint
+    from .loading.hub import resolve
 
     presets = {"grok-1": grok1_preset, "grok-2": grok2_preset}
     if args.path in presets and not Path(args.path).exists():

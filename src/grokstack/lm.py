@@ -13,8 +13,8 @@ import torch
 from .config import ModelConfig
 from .errors import InvalidArgumentError, TokenizerError
 from .generate import Completion, Event, generate_batch, stream_batch
-from .hub import resolve
 from .loading import Checkpoint, inspect_checkpoint, load_weights
+from .loading.hub import resolve
 from .model import Transformer
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
@@ -61,8 +61,8 @@ class LM:
     def need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise TokenizerError(
-                "this checkpoint has no tokenizer file (tokenizer.tok.json or tokenizer.model); "
-                "put one next to it or pass token ids"
+                "this model has no tokenizer (no tokenizer.tok.json or tokenizer.model next to it, none in the "
+                "GGUF); add one or pass token ids"
             )
         return self.tokenizer
 
@@ -110,7 +110,7 @@ def load(
     weights = weights.to(device)
     tokenizer = _tokenizer_for(ckpt)
     if tokenizer is None:
-        log.warning("no tokenizer file found next to %s; generation needs token ids", path)
+        log.warning("no tokenizer found for %s; generation needs token ids", path)
     return LM(weights, tokenizer, ckpt.path)
 
 

