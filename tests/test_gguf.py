@@ -247,3 +247,14 @@ def test_gguf_without_tokenizer_or_template(tmp_path):
     with pytest.raises(TokenizerError, match="pre-tokenizer 'made-up' is not supported"):
         grokstack.load(path)
 
+
+
+def test_llama_gguf_converts_to_safetensors(tmp_path):
+    from grokstack.loading.safetensors_folder import save_safetensors_folder
+
+    lm = grokstack.load(write_llama_gguf(tmp_path / "l.gguf", random_model(tiny_llama_config(), seed=7)))
+    save_safetensors_folder(lm.model, tmp_path / "st", torch.float32, preshard=0)
+    back = grokstack.load(tmp_path / "st")
+    assert back.config.arch == "llama" and back.config.intermediate_size == 96 and back.config.num_experts == 0
+    ids = list(range(2, 30))
+    assert torch.equal(logits(lm.model, ids), logits(back.model, ids))

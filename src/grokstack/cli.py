@@ -237,6 +237,8 @@ def cmd_convert(args) -> int:
     if tok:
         shutil.copyfile(tok, out / tok.name)
     print(f"wrote {len(files)} safetensors files, config.json{' and ' + tok.name if tok else ''} to {out}")
+    if lm.path.suffix == ".gguf":
+        print("note: a GGUF's tokenizer and chat template live in its metadata and are not written out")
     return 0
 
 

@@ -301,7 +301,7 @@ def from_hf_config(cfg: dict[str, Any]) -> ModelConfig:
         moe_intermediate_size=int(moe_ff),
         num_experts=experts,
         num_experts_per_tok=int(_num(cfg, "num_experts_per_tok", 2)),
-        intermediate_size=int(cfg.get("intermediate_size") or 0) if residual else 0,
+        intermediate_size=int(cfg.get("intermediate_size") or 0) if residual or experts == 0 else 0,
         residual_moe=residual,
         rms_norm_eps=float(_num(cfg, "rms_norm_eps", 1e-5)),
         embedding_multiplier=float(_num(cfg, "embedding_multiplier_scale", 1.0)),
