@@ -34,10 +34,11 @@ class Event:
     """One decoding step of one row: the token, the text it released, and the end if reached."""
 
     index: int
-    token_id: int | None
+    token_id: int
     text: str
     logprob: TokenLogprob | None = None
     finish_reason: str | None = None  # "stop" | "length"
+    stop_token: bool = False  # token_id is the stop token that ended the row (not part of the text)
 
 
 @dataclass
@@ -49,18 +50,81 @@ class Completion:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-class _Row:
-    """Per-row text state: detokenizer, stop-string hold-back, finish."""
+class Sequence:
+    """One sequence being generated: its sampler state (seeded generator, penalties), its text state
+    (detokenizer, stop-string hold-back) and its stop rules. `step(logits)` picks the next token.
 
-    def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, prompt_len: int, budget: int) -> None:
-        self.decoder = tokenizer.stream_decoder() if tokenizer else None
+    Shared by `stream_batch` and the serving engine, so both decode exactly alike.
+    """
+
+    def __init__(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        budget: int,
+        tokenizer: Tokenizer | None,
+        vocab_size: int,
+        stop_ids: frozenset[int],
+        seed: int | None,
+        constraint: Constraint | None = None,
+    ) -> None:
         self.params = params
-        self.prompt_len = prompt_len
+        self.prompt_len = len(prompt)
         self.budget = budget
+        self.decoder = tokenizer.stream_decoder() if tokenizer else None
+        self.stop_ids = frozenset(params.stop_token_ids) if params.stop_token_ids is not None else stop_ids
+        self.generator = torch.Generator(device="cpu").manual_seed(
+            seed if seed is not None else random.getrandbits(63)
+        )
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+        self.seen[prompt] = True
+        self.counts = torch.zeros(vocab_size, dtype=torch.float32)
+        self.constraint = constraint
         self.text = ""
         self.emitted = 0
         self.generated = 0
+        self.last_token: int | None = None
         self.done = False
+
+    def step(self, logits: torch.Tensor, index: int = 0) -> Event:
+        """Sample the next token from fp32 logits [V]; the event says what text it released and if it ended."""
+        sp = self.params
+        tok = self._choose(logits)
+        lp = None
+        if sp.logprobs is not None:
+            chosen, alts = top_logprobs(logits, tok, sp.logprobs)
+            lp = TokenLogprob(tok, chosen, alts)
+        self.generated += 1
+        self.last_token = tok
+        self.seen[tok] = True
+        self.counts[tok] += 1
+        if self.constraint is not None:
+            self.constraint.advance(tok)
+        if tok in self.stop_ids and not sp.ignore_eos:
+            self.done = True  # a stop token is not part of the output text
+            return Event(index, tok, self.finish_text(), lp, "stop", stop_token=True)
+        text, stopped = self.add_text(self.decoder.push(tok)) if self.decoder else ("", False)
+        if stopped or (self.constraint is not None and self.constraint.complete):
+            self.done = True
+            return Event(index, tok, text + ("" if stopped else self.finish_text()), lp, "stop")
+        if self.generated >= self.budget:
+            self.done = True
+            return Event(index, tok, text + self.finish_text(), lp, "length")
+        return Event(index, tok, text, lp)
+
+    def _choose(self, raw: torch.Tensor) -> int:
+        logits = penalize(raw, self.params, self.seen, self.counts)
+        if self.constraint is None:
+            return sample(logits, self.params, self.generator)
+        # Constrained: draw from the distribution restricted to allowed tokens by rejection, which
+        # samples exactly the renormalised distribution and checks only the tokens it draws.
+        logits = logits.clone()
+        for _ in range(logits.shape[-1]):
+            tok = sample(logits, self.params, self.generator)
+            if self.constraint.allows(tok, tok in self.stop_ids):
+                return tok
+            logits[tok] = float("-inf")
+        raise InvalidArgumentError("the output constraint allows no token of this vocabulary")
 
     def add_text(self, delta: str) -> tuple[str, bool]:
         """Append decoded text; return what may be released now and whether a stop string ended it."""
@@ -95,8 +159,23 @@ class _Row:
         return out + self._release(len(self.text))
 
 
-def _check_prompts(model: Transformer, prompts: list[list[int]], params: list[SamplingParams]) -> list[int]:
-    ctx = model.cfg.context_length
+class Constraint:
+    """What an output constraint (e.g. JSON) tells the sampler, token by token."""
+
+    complete: bool  # the output is whole: generation stops here
+
+    def allows(self, token_id: int, is_stop: bool) -> bool:
+        raise NotImplementedError
+
+    def advance(self, token_id: int) -> None:
+        raise NotImplementedError
+
+
+def check_prompts(
+    model: Transformer, prompts: list[list[int]], params: list[SamplingParams], context: int | None = None
+) -> list[int]:
+    """Each prompt's token budget: max_tokens, capped by the room left in the context."""
+    ctx = context or model.cfg.context_length
     budgets = []
     for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
         if not p:
@@ -142,56 +221,27 @@ def stream_batch(
     """Generate for every prompt at once; yields one Event per row per step until all finish."""
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
-    budgets = _check_prompts(model, prompts, params)
+    budgets = check_prompts(model, prompts, params)
     B = len(prompts)
     device = model.embed_tokens.weight.device
     cache = KVCache(model.cfg, B, max(len(p) + n for p, n in zip(prompts, budgets, strict=True)), model.dtype, device)
-    rows = [_Row(tokenizer, sp, len(p), n) for p, sp, n in zip(prompts, params, budgets, strict=True)]
-    gens = []
-    for b, sp in enumerate(params):
-        seed = sp.seed + b if sp.seed is not None else random.getrandbits(63)
-        gens.append(torch.Generator(device="cpu").manual_seed(seed))
-    V = model.cfg.vocab_size
-    seen = torch.zeros(B, V, dtype=torch.bool)
-    counts = torch.zeros(B, V, dtype=torch.float32)
-    for b, p in enumerate(prompts):
-        seen[b, p] = True
-    default_stops = tokenizer.stop_ids if tokenizer else frozenset({model.cfg.eos_token_id})
-
+    stops = tokenizer.stop_ids if tokenizer else frozenset({model.cfg.eos_token_id})
+    seqs = [
+        Sequence(p, sp, n, tokenizer, model.cfg.vocab_size, stops, None if sp.seed is None else sp.seed + b)
+        for b, (p, sp, n) in enumerate(zip(prompts, params, budgets, strict=True))
+    ]
     logits = prefill(model, prompts, cache).float().cpu()
     positions = torch.tensor([len(p) for p in prompts])
     while True:
         next_ids = torch.full((B, 1), model.cfg.pad_token_id, dtype=torch.long)
-        for b, row in enumerate(rows):
-            if row.done:
+        for b, seq in enumerate(seqs):
+            if seq.done:
                 continue
-            sp = row.params
-            raw = logits[b]
-            tok = sample(penalize(raw, sp, seen[b], counts[b]), sp, gens[b])
-            lp = None
-            if sp.logprobs is not None:
-                chosen, alts = top_logprobs(raw, tok, sp.logprobs)
-                lp = TokenLogprob(tok, chosen, alts)
-            row.generated += 1
-            seen[b, tok] = True
-            counts[b, tok] += 1
-            stops = sp.stop_token_ids if sp.stop_token_ids is not None else default_stops
-            if tok in stops and not sp.ignore_eos:
-                row.done = True  # a stop token is not part of the output
-                yield Event(b, None, row.finish_text(), None, "stop")
-                continue
-            text, stopped = row.add_text(row.decoder.push(tok)) if row.decoder else ("", False)
-            if stopped:
-                row.done = True
-                yield Event(b, tok, text, lp, "stop")
-                continue
-            if row.generated >= row.budget:
-                row.done = True
-                yield Event(b, tok, text + row.finish_text(), lp, "length")
-                continue
-            next_ids[b, 0] = tok
-            yield Event(b, tok, text, lp)
-        if all(r.done for r in rows):
+            ev = seq.step(logits[b], b)
+            if not seq.done:
+                next_ids[b, 0] = ev.token_id
+            yield ev
+        if all(seq.done for seq in seqs):
             return
         logits = model(next_ids.to(device), positions[:, None].to(device), cache)[:, -1].float().cpu()
         positions += 1
@@ -207,7 +257,7 @@ def generate_batch(
     out = [Completion("", [], "length", len(p)) for p in prompts]
     for ev in stream_batch(model, tokenizer, prompts, params):
         c = out[ev.index]
-        if ev.token_id is not None:
+        if not ev.stop_token:
             c.token_ids.append(ev.token_id)
         c.text += ev.text
         if ev.logprob is not None:
