@@ -63,6 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--system", help="system prompt")
 
+    p = sub.add_parser("serve", help="the xAI/OpenAI-compatible HTTP API with continuous batching")
+    _add_model_args(p)
+    env = os.environ.get
+    p.add_argument("--host", default=env("GROKSTACK_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("GROKSTACK_PORT", "8000")))
+    p.add_argument("--served-model-name", help="the model id clients send (default: grok-1/grok-2 or the file name)")
+    p.add_argument("--alias", action="append", default=[], help="another accepted model id (repeatable)")
+    p.add_argument("--api-key", action="append", default=[k for k in [env("GROKSTACK_API_KEY")] if k],
+                   help="accepted bearer key (repeatable; env GROKSTACK_API_KEY); none = open server")
+    p.add_argument("--api-keys-file", default=env("GROKSTACK_API_KEYS"),
+                   help="file of keys, one per line: KEY [name=N] [rpm=N] [tpm=N] (env GROKSTACK_API_KEYS)")
+    p.add_argument("--rpm", type=int, default=int(env("GROKSTACK_RPM", "0")), help="requests/min per key (0 = off)")
+    p.add_argument("--tpm", type=int, default=int(env("GROKSTACK_TPM", "0")), help="tokens/min per key (0 = off)")
+    p.add_argument("--max-batch", type=int, default=int(env("GROKSTACK_MAX_BATCH", "16")),
+                   help="sequences decoded together")
+    p.add_argument("--max-model-len", type=int, default=int(env("GROKSTACK_MAX_MODEL_LEN", "4096")),
+                   help="prompt + completion tokens per sequence")
+    p.add_argument("--max-queue", type=int, default=int(env("GROKSTACK_MAX_QUEUE", "64")),
+                   help="requests that may wait; more get 503")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
+    p.add_argument("--error-style", choices=["openai", "xai"], default=env("GROKSTACK_ERROR_STYLE", "openai"))
+    p.add_argument("--state-dir", default=env("GROKSTACK_STATE_DIR", ".grokstack"),
+                   help="where deferred completions are kept")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds running requests get at shutdown")
+
     p = sub.add_parser("convert", help="write any checkpoint as a Grok-2-layout safetensors folder")
     p.add_argument("src")
     p.add_argument("out")
@@ -214,6 +239,27 @@ def cmd_chat(args) -> int:
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(reply)}]
 
 
+def cmd_serve(args) -> int:
+    from .engine import Engine
+    from .server import Settings, model_id_for, serve
+
+    for name in ("max_batch", "max_model_len", "port"):
+        if getattr(args, name) < 1:
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= 1")
+    lm = _load(args)
+    lm.need_tokenizer()
+    engine = Engine(lm, max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue,
+                    prefill_chunk=args.prefill_chunk)
+    model_id = args.served_model_name or model_id_for(lm, args.model)
+    aliases = [a for a in [*args.alias, "default" if args.model == "default" else None] if a and a != model_id]
+    settings = Settings(
+        model_id=model_id, aliases=aliases, api_keys=args.api_key, keys_file=args.api_keys_file, rpm=args.rpm,
+        tpm=args.tpm, error_style=args.error_style, state_dir=Path(args.state_dir),
+    )
+    serve(lm, engine, settings, args.host, args.port, args.grace)
+    return 0
+
+
 def _prepare_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"{out} exists and is not a folder")
@@ -256,6 +302,7 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "generate": cmd_generate,
     "chat": cmd_chat,
+    "serve": cmd_serve,
     "convert": cmd_convert,
     "make-tiny": cmd_make_tiny,
 }

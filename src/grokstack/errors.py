@@ -34,3 +34,35 @@ class InvalidArgumentError(GrokstackError):
     """A value passed on the command line or to the API is out of range."""
 
     exit_code = 2
+
+
+class NotFoundError(GrokstackError):
+    """An unknown model, route or deferred request id."""
+
+    http_status = 404
+
+
+class AuthenticationError(GrokstackError):
+    """A missing or wrong API key."""
+
+    http_status = 401
+
+
+class RateLimitError(GrokstackError):
+    """An API key used more requests or tokens per minute than it may."""
+
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class OverloadedError(GrokstackError):
+    """The server's queue is full or it is shutting down: try again later."""
+
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -28,6 +28,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # None = the tokenizer's stop ids
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; n = chosen token plus n alternatives
+    logit_bias: dict[int, float] | None = None  # OpenAI: added to the logits of these token ids
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +54,11 @@ class SamplingParams:
             self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
             f"logprobs must be an integer in [0, {MAX_LOGPROBS}]",
         )
+        need(
+            all(isinstance(t, int) and t >= 0 and _finite(b) and -100 <= b <= 100
+                for t, b in (self.logit_bias or {}).items()),
+            "logit_bias maps token ids (integers >= 0) to values in [-100, 100]",
+        )
 
     def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
@@ -69,6 +75,12 @@ def penalize(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, c
         logits = torch.where(seen, scaled, logits)
     if params.presence_penalty or params.frequency_penalty:
         logits = logits - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        if int(ids.max()) >= logits.shape[-1]:
+            raise InvalidArgumentError(f"logit_bias token id {int(ids.max())} is outside the vocabulary")
+        logits = logits.clone()
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
     return logits
 
 

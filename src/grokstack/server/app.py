@@ -1,0 +1,742 @@
+"""The HTTP API: OpenAI/xAI-compatible routes over one `Engine` (api.md).
+
+Handlers validate (pydantic schemas, then model/limits), turn a request into prompt ids and sampling
+parameters, and hand it to the engine; `Job` carries the engine's events back into the event loop.
+Streaming responses are SSE; a client that goes away cancels its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .. import __version__
+from ..engine import Engine, PromptLogprobs
+from ..errors import GrokstackError, InvalidArgumentError, NotFoundError, OverloadedError
+from ..generate import Event, TokenLogprob
+from ..lm import LM
+from ..sampling import SamplingParams
+from . import errors
+from .auth import Key, Keys
+from .deferred import DeferredStore
+from .metrics import Metrics
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    Message,
+    TokenizeRequest,
+    TokenizeTextRequest,
+)
+
+log = logging.getLogger("grokstack.server")
+KEEPALIVE_SECONDS = 15.0
+
+
+@dataclass
+class Settings:
+    model_id: str
+    aliases: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list)
+    keys_file: str | None = None
+    rpm: int = 0
+    tpm: int = 0
+    error_style: str = "openai"
+    max_body_bytes: int = 8 << 20
+    state_dir: Path = Path(".grokstack")
+    license: str | None = None
+
+
+# ----------------------------------------------------------------------------- engine <-> event loop
+@dataclass
+class ChoiceResult:
+    text: str = ""
+    tokens: list[TokenLogprob | int] = field(default_factory=list)  # ids, or logprobs when asked for
+    finish_reason: str | None = None
+    generated: int = 0
+
+
+class Job:
+    """One engine request seen from the event loop: events arrive on an asyncio queue."""
+
+    def __init__(self, app_state, prompt: list[int], params: list[SamplingParams], constraints=None,
+                 prompt_logprobs: int | None = None, generate: bool = True) -> None:
+        self.state = app_state
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.prompt = prompt
+        self.n = len(params)
+        self.started = time.monotonic()
+        self.last_token: dict[int, float] = {}
+        self.finished = 0
+        self.req = app_state.engine.submit(prompt, params, self._emit, constraints, prompt_logprobs, generate)
+
+    def _emit(self, ev) -> None:  # engine thread: only stamp and enqueue
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (time.monotonic(), ev))
+
+    async def events(self, request: Request | None = None) -> AsyncIterator[Event | PromptLogprobs | None]:
+        """Engine events until every choice finished; None now and then while waiting (for keep-alives)."""
+        metrics = self.state.metrics
+        try:
+            while self.finished < self.n:
+                try:
+                    stamp, ev = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+                except TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        return
+                    yield None
+                    continue
+                if isinstance(ev, BaseException):
+                    raise ev
+                if isinstance(ev, Event):
+                    if ev.token_id >= 0:
+                        prev = self.last_token.get(ev.index)
+                        if prev is None and ev.index == 0:
+                            metrics.ttft.observe(stamp - self.started)
+                        elif prev is not None:
+                            metrics.itl.observe(stamp - prev)
+                        self.last_token[ev.index] = stamp
+                        metrics.completion_tokens.inc()
+                    self.finished += ev.finish_reason is not None
+                yield ev
+        finally:
+            if self.finished < self.n:
+                self.state.engine.cancel(self.req)
+
+    async def collect(
+        self, request: Request | None, logprobs: bool
+    ) -> tuple[list[ChoiceResult], PromptLogprobs | None]:
+        results = [ChoiceResult() for _ in range(self.n)]
+        prompt_lps = None
+        async for ev in self.events(request):
+            if isinstance(ev, PromptLogprobs):
+                prompt_lps = ev
+            elif isinstance(ev, Event):
+                r = results[ev.index]
+                r.text += ev.text
+                if ev.token_id >= 0:
+                    r.generated += 1
+                    r.tokens.append(ev.logprob if logprobs and ev.logprob else ev.token_id)
+                r.finish_reason = ev.finish_reason or r.finish_reason
+        if self.finished < self.n:
+            raise asyncio.CancelledError("client disconnected")
+        return results, prompt_lps
+
+
+# ----------------------------------------------------------------------------- helpers
+def _now() -> int:
+    return int(time.time())
+
+
+def _sse(obj: dict | str) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def _message_text(m: Message) -> str:
+    if m.content is None:
+        return ""
+    if isinstance(m.content, str):
+        return m.content
+    parts = []
+    for p in m.content:
+        if p.type != "text":
+            raise InvalidArgumentError(f"content parts of type {p.type!r} are not supported (text-only models)")
+        parts.append(p.text or "")
+    return "".join(parts)
+
+
+class Api:
+    """Route logic with the shared state (engine, tokenizer, keys, store, metrics)."""
+
+    def __init__(self, lm: LM, engine: Engine, settings: Settings) -> None:
+        self.lm = lm
+        self.tok = lm.need_tokenizer()
+        self.engine = engine
+        self.settings = settings
+        self.keys = Keys(settings.api_keys, settings.keys_file, settings.rpm, settings.tpm)
+        self.metrics = Metrics()
+        self.store = DeferredStore(Path(settings.state_dir) / "deferred.sqlite")
+        self.created = _now()
+        cfg = lm.config
+        knobs = json.dumps(cfg.to_hf_config(), sort_keys=True)
+        digest = hashlib.sha256(f"{__version__}|{settings.model_id}|{lm.model.dtype}|{knobs}".encode()).hexdigest()
+        self.fingerprint = "fp_" + digest[:10]
+        self.tasks: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ checks
+    def authorize(self, request: Request) -> Key:
+        return self.keys.check(request.headers.get("authorization"))
+
+    def check_model(self, model: str) -> None:
+        if model != self.settings.model_id and model not in self.settings.aliases:
+            raise NotFoundError(f"the model '{model}' does not exist; this server serves '{self.settings.model_id}'")
+
+    def charge(self, key: Key, tokens: int) -> None:
+        key.requests.take(1, "requests")
+        try:
+            key.tokens.take(tokens, "tokens")
+        except GrokstackError:
+            key.requests.give(1)
+            raise
+
+    def limit_headers(self, key: Key) -> dict[str, str]:
+        return key.requests.headers("requests") | key.tokens.headers("tokens")
+
+    # ------------------------------------------------------------------ request -> engine
+    def sampling(self, body, prompt_len: int, max_tokens: int | None) -> list[SamplingParams]:
+        stops, stop_ids = [], set()
+        for s in body.stop or []:  # a stop string that is a special token's text stops on that token
+            if s in self.tok.special_ids:
+                stop_ids.add(self.tok.special_ids[s])
+            else:
+                stops.append(s)
+        room = self.engine.max_model_len - prompt_len
+        base = dict(
+            max_tokens=max_tokens if max_tokens is not None else max(room, 1),
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            seed=body.seed,
+            stop=stops,
+            stop_token_ids=sorted(self.tok.stop_ids | stop_ids) if stop_ids else None,
+            logit_bias=body.logit_bias,
+        )
+        return [SamplingParams(**base) for _ in range(body.n)]
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        if body.tools and body.tool_choice != "none":
+            raise InvalidArgumentError("tools are not supported by this server yet; send the request without tools")
+        if body.search_parameters is not None and body.search_parameters.mode == "on":
+            raise InvalidArgumentError("live search is not enabled on this server (search_parameters.mode 'on')")
+        messages = []
+        for m in body.messages:
+            if m.role in ("tool", "function"):
+                raise InvalidArgumentError(f"messages with role '{m.role}' need tool support, which this server lacks")
+            role = "system" if m.role == "developer" else m.role
+            messages.append({"role": role, "content": _message_text(m)})
+        return self.tok.chat_ids(messages)
+
+    def constraints(self, body: ChatCompletionRequest) -> list | None:
+        fmt = body.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_schema":
+            raise InvalidArgumentError("response_format json_schema is not supported yet; use json_object")
+        from ..json_constraint import JsonObjectConstraint
+
+        return [JsonObjectConstraint(self.tok.token_bytes) for _ in range(body.n)]
+
+    # ------------------------------------------------------------------ token text
+    def token_text(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's text and bytes; bytes that are not UTF-8 on their own get a lossless `bytes:` form."""
+        raw = self.tok.token_bytes(token_id)
+        if not raw:
+            text = self.tok.decode([token_id])
+            return text, list(text.encode())
+        try:
+            return raw.decode("utf-8"), list(raw)
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+    def chat_logprobs(self, lps: list[TokenLogprob], top: int) -> dict:
+        content = []
+        for lp in lps:
+            text, raw = self.token_text(lp.token_id)
+            alts = []
+            for tid, value in lp.top[:top]:
+                t, b = self.token_text(tid)
+                alts.append({"token": t, "logprob": value, "bytes": b})
+            content.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": alts})
+        return {"content": content, "refusal": None}
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"text_tokens": prompt_tokens, "audio_tokens": 0, "image_tokens": 0,
+                                      "cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+            "num_sources_used": 0,
+        }
+
+    # ------------------------------------------------------------------ chat
+    def prepare_chat(self, body: ChatCompletionRequest) -> tuple[list[int], list[SamplingParams], list | None]:
+        prompt = self.chat_prompt(body)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = self.sampling(body, len(prompt), max_tokens)
+        if body.logprobs:
+            params = [p.replace(logprobs=body.top_logprobs or 0) for p in params]
+        return prompt, params, self.constraints(body)
+
+    async def chat_result(self, body: ChatCompletionRequest, prompt, params, constraints, request) -> dict:
+        job = Job(self, prompt, params, constraints)
+        self.metrics.prompt_tokens.inc(len(prompt))
+        results, _ = await job.collect(request, body.logprobs)
+        choices = []
+        for i, r in enumerate(results):
+            lps = [t for t in r.tokens if isinstance(t, TokenLogprob) and t.token_id not in self._stop_set(params[i])]
+            choices.append({
+                "index": i,
+                "message": {"role": "assistant", "content": r.text, "refusal": None},
+                "logprobs": self.chat_logprobs(lps, body.top_logprobs or 0) if body.logprobs else None,
+                "finish_reason": r.finish_reason,
+            })
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": _now(),
+            "model": body.model, "choices": choices, "system_fingerprint": self.fingerprint,
+            "usage": self.usage(len(prompt), sum(r.generated for r in results)),
+        }
+
+    def _stop_set(self, sp: SamplingParams) -> set[int]:
+        return set(sp.stop_token_ids) if sp.stop_token_ids is not None else set(self.tok.stop_ids)
+
+    async def chat_stream(
+        self, body: ChatCompletionRequest, prompt, params, constraints, request
+    ) -> AsyncIterator[bytes]:
+        job = Job(self, prompt, params, constraints)
+        self.metrics.prompt_tokens.inc(len(prompt))
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
+        usage_on = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choices: list, usage: Any = None) -> bytes:
+            out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                   "system_fingerprint": self.fingerprint, "choices": choices}
+            if usage_on:
+                out["usage"] = usage
+            return _sse(out)
+
+        generated = [0] * len(params)
+        try:
+            for i in range(len(params)):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            async for ev in job.events(request):
+                if ev is None:
+                    yield b": keep-alive\n\n"
+                    continue
+                if not isinstance(ev, Event):
+                    continue
+                stop_tok = ev.stop_token
+                if ev.token_id >= 0:
+                    generated[ev.index] += 1
+                lp = None
+                if body.logprobs and ev.logprob is not None and not stop_tok:
+                    lp = self.chat_logprobs([ev.logprob], body.top_logprobs or 0)
+                if ev.text or lp:
+                    yield chunk([{"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp,
+                                  "finish_reason": None}])
+                if ev.finish_reason:
+                    yield chunk([{"index": ev.index, "delta": {}, "logprobs": None,
+                                  "finish_reason": ev.finish_reason}])
+            if usage_on:
+                yield chunk([], self.usage(len(prompt), sum(generated)))
+            yield _sse("[DONE]")
+        except GrokstackError as exc:  # mid-stream: one error event, then close (api.md §2)
+            kind = errors.KINDS.get(exc.http_status, errors.KINDS[500])
+            yield _sse({"error": {"message": str(exc), "type": kind[0], "code": kind[1]}})
+        except Exception as exc:  # noqa: BLE001 - a stream cannot change its status any more
+            log.exception("stream failed")
+            yield _sse({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
+                                  "code": "internal_error"}})
+
+    # ------------------------------------------------------------------ completions
+    def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        p = body.prompt
+        if isinstance(p, str):
+            prompts = [self.tok.encode(p)]
+        elif isinstance(p[0], str):
+            prompts = [self.tok.encode(s) for s in p]
+        elif isinstance(p[0], int):
+            prompts = [list(p)]
+        else:
+            prompts = [list(x) for x in p]
+        vocab = self.lm.config.vocab_size
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise InvalidArgumentError(f"prompt {i} encodes to no tokens")
+            if max(ids) >= vocab:
+                raise InvalidArgumentError(f"prompt {i} has token ids outside 0..{vocab - 1}")
+        return prompts
+
+    def check_completion(self, body: CompletionRequest) -> None:
+        if body.suffix:
+            raise InvalidArgumentError("suffix is not supported")
+        if body.best_of is not None and body.best_of != body.n:
+            raise InvalidArgumentError("best_of other than n is not supported")
+        if body.max_tokens == 0 and not body.echo:
+            raise InvalidArgumentError("max_tokens 0 is only allowed with echo (scoring a prompt)")
+        if body.max_tokens == 0 and body.stream:
+            raise InvalidArgumentError("max_tokens 0 cannot stream")
+
+    def completion_logprobs(self, entries: list[TokenLogprob | None], first_ids: list[int], k: int,
+                            offset: int) -> dict:
+        """OpenAI's legacy logprobs: token strings, their logprobs, top-k dicts and character offsets.
+        `first_ids` are the tokens whose entries are None (the first prompt token)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for tid, e in zip(first_ids, [None] * len(first_ids), strict=True):
+            self._add_logprob(out, tid, e, k, offset)
+            offset += len(out["tokens"][-1])
+        for e in entries:
+            if e is None:
+                continue
+            self._add_logprob(out, e.token_id, e, k, offset)
+            offset += len(out["tokens"][-1])
+        return out
+
+    def _add_logprob(self, out: dict, token_id: int, e: TokenLogprob | None, k: int, offset: int) -> None:
+        text = self.token_text(token_id)[0]
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        if e is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            return
+        top = {self.token_text(t)[0]: v for t, v in e.top[:k]}
+        top.setdefault(text, e.logprob)  # the sampled token is always listed (OpenAI)
+        out["token_logprobs"].append(e.logprob)
+        out["top_logprobs"].append(top)
+
+    async def completion_result(self, body: CompletionRequest, prompts: list[list[int]], request: Request) -> dict:
+        want_lps = body.logprobs is not None
+        jobs = []
+        for ids in prompts:
+            params = self.sampling(body, len(ids), body.max_tokens or 1)
+            if want_lps:
+                params = [sp.replace(logprobs=body.logprobs) for sp in params]
+            jobs.append(Job(self, ids, params, prompt_logprobs=body.logprobs if body.echo and want_lps else None,
+                            generate=body.max_tokens > 0))
+            self.metrics.prompt_tokens.inc(len(ids))
+        gathered = await asyncio.gather(*(job.collect(request, want_lps) for job in jobs))
+        choices, completion_tokens = [], 0
+        for pi, (ids, (results, prompt_lps)) in enumerate(zip(prompts, gathered, strict=True)):
+            prompt_text = self.tok.decode(ids) if body.echo else ""
+            for j, r in enumerate(results):
+                completion_tokens += r.generated
+                lps = None
+                if want_lps:
+                    gen = [t for t in r.tokens if isinstance(t, TokenLogprob)]
+                    if body.echo:
+                        entries = (prompt_lps.entries[1:] if prompt_lps else []) + gen
+                        lps = self.completion_logprobs(entries, ids[:1], body.logprobs, 0)
+                    else:
+                        lps = self.completion_logprobs(gen, [], body.logprobs, len(prompt_text))
+                choices.append({"index": pi * body.n + j, "text": prompt_text + r.text, "logprobs": lps,
+                                "finish_reason": r.finish_reason})
+        prompt_tokens = sum(len(p) for p in prompts)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": _now(), "model": body.model,
+            "choices": choices, "usage": self.usage(prompt_tokens, completion_tokens),
+            "system_fingerprint": self.fingerprint,
+        }
+
+    async def completion_stream(self, body: CompletionRequest, prompts: list[list[int]], request: Request):
+        cid, created = f"cmpl-{uuid.uuid4().hex}", _now()
+        usage_on = bool(body.stream_options and body.stream_options.include_usage)
+        want_lps = body.logprobs is not None
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def chunk(choices: list, usage: Any = None) -> bytes:
+            out = {"id": cid, "object": "text_completion", "created": created, "model": body.model,
+                   "system_fingerprint": self.fingerprint, "choices": choices}
+            if usage_on:
+                out["usage"] = usage
+            return _sse(out)
+
+        async def pump(pi: int, job: Job) -> None:
+            try:
+                async for ev in job.events(request):
+                    await queue.put((pi, ev))
+            except BaseException as exc:  # noqa: BLE001 - handed to the stream below
+                await queue.put((pi, exc))
+            await queue.put((pi, StopAsyncIteration()))
+
+        jobs = []
+        for ids in prompts:
+            params = self.sampling(body, len(ids), body.max_tokens)
+            if want_lps:
+                params = [sp.replace(logprobs=body.logprobs) for sp in params]
+            jobs.append(Job(self, ids, params))
+            self.metrics.prompt_tokens.inc(len(ids))
+        tasks = [asyncio.create_task(pump(pi, job)) for pi, job in enumerate(jobs)]
+        generated, left = 0, len(jobs)
+        try:
+            if body.echo:
+                for pi, ids in enumerate(prompts):
+                    for j in range(body.n):
+                        yield chunk([{"index": pi * body.n + j, "text": self.tok.decode(ids), "logprobs": None,
+                                      "finish_reason": None}])
+            while left:
+                pi, ev = await queue.get()
+                if isinstance(ev, StopAsyncIteration):
+                    left -= 1
+                    continue
+                if isinstance(ev, BaseException):
+                    raise ev
+                if ev is None:
+                    yield b": keep-alive\n\n"
+                    continue
+                if not isinstance(ev, Event):
+                    continue
+                generated += ev.token_id >= 0
+                lps = None
+                if want_lps and ev.logprob is not None:
+                    lps = self.completion_logprobs([ev.logprob], [], body.logprobs, 0)
+                if ev.text or lps or ev.finish_reason:
+                    yield chunk([{"index": pi * body.n + ev.index, "text": ev.text, "logprobs": lps,
+                                  "finish_reason": ev.finish_reason}])
+            if usage_on:
+                yield chunk([], self.usage(sum(len(p) for p in prompts), generated))
+            yield _sse("[DONE]")
+        except GrokstackError as exc:
+            kind = errors.KINDS.get(exc.http_status, errors.KINDS[500])
+            yield _sse({"error": {"message": str(exc), "type": kind[0], "code": kind[1]}})
+        finally:
+            for t in tasks:
+                t.cancel()
+            for job in jobs:
+                if job.finished < job.n:
+                    self.engine.cancel(job.req)
+
+    # ------------------------------------------------------------------ deferred
+    def spawn_deferred(self, job_id: str, body: ChatCompletionRequest) -> None:
+        async def run() -> None:
+            try:
+                prompt, params, constraints = self.prepare_chat(body)
+                while True:
+                    try:
+                        result = await self.chat_result(body, prompt, params, constraints, None)
+                        break
+                    except OverloadedError:  # the queue is full: a deferred job can wait its turn
+                        await asyncio.sleep(1.0)
+                self.store.finish(job_id, 200, result)
+            except GrokstackError as exc:
+                body_ = json.loads(errors.error_response(exc.http_status, str(exc), self.settings.error_style).body)
+                self.store.finish(job_id, exc.http_status, body_)
+
+        task = asyncio.create_task(run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # ------------------------------------------------------------------ listings
+    def model_card(self) -> dict:
+        card = {"id": self.settings.model_id, "object": "model", "created": self.created, "owned_by": "xai"}
+        if self.lm.config.arch == "grok-2":
+            card["license"] = self.settings.license or "xAI Community License"
+            card["attribution"] = "Powered by xAI"
+        elif self.settings.license:
+            card["license"] = self.settings.license
+        return card
+
+    def language_model(self) -> dict:
+        return {
+            "id": self.settings.model_id, "fingerprint": self.fingerprint, "created": self.created,
+            "object": "model", "owned_by": "xai", "version": __version__, "input_modalities": ["text"],
+            "output_modalities": ["text"], "prompt_text_token_price": 0, "cached_prompt_text_token_price": 0,
+            "prompt_image_token_price": 0, "completion_text_token_price": 0, "search_price": 0,
+            "aliases": list(self.settings.aliases),
+        }
+
+
+# ----------------------------------------------------------------------------- app
+class BodyLimit:
+    """ASGI middleware: bodies over the limit get a 413 before they are read into memory."""
+
+    def __init__(self, app, limit: int, style: str) -> None:
+        self.app, self.limit, self.style = app, limit, style
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_big = errors.error_response(413, f"the request body is larger than {self.limit} bytes", self.style)
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooBig
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooBig:
+            await too_big(scope, receive, send)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
+    api = Api(lm, engine, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        for job_id, body in api.store.pending():  # jobs a previous run accepted but did not finish
+            api.spawn_deferred(job_id, ChatCompletionRequest.model_validate(body))
+        yield
+        await asyncio.to_thread(engine.shutdown, 0.0)
+        for task in list(api.tasks):
+            task.cancel()
+        api.store.close()
+
+    app = FastAPI(title="grokstack", version=__version__, lifespan=lifespan)
+    app.state.api = api
+    app.state.error_style = settings.error_style
+    app.state.log = log
+    errors.install(app)
+
+    @app.middleware("http")
+    async def request_id_and_count(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        response = await call_next(request)
+        response.headers["x-request-id"] = rid
+        route = request.scope.get("route")
+        api.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, style=settings.error_style)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        key = api.authorize(request)
+        api.check_model(body.model)
+        if body.deferred and body.stream:
+            raise InvalidArgumentError("a deferred completion cannot stream")
+        prompt, params, constraints = api.prepare_chat(body)
+        api.charge(key, len(prompt) + sum(sp.max_tokens for sp in params))
+        headers = api.limit_headers(key)
+        if body.deferred:
+            job_id = api.store.add(body.model_dump(mode="json"))
+            api.spawn_deferred(job_id, body)
+            return JSONResponse({"request_id": job_id}, headers=headers)
+        if body.stream:
+            # submit now so queue-full and context errors are a proper status, not a broken stream
+            gen = api.chat_stream(body, prompt, params, constraints, request)
+            first = await anext(gen)
+            return StreamingResponse(_prepend(first, gen), media_type="text/event-stream",
+                                     headers=headers | {"cache-control": "no-cache"})
+        return JSONResponse(await api.chat_result(body, prompt, params, constraints, request), headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        key = api.authorize(request)
+        api.check_model(body.model)
+        api.check_completion(body)
+        prompts = api.completion_prompts(body)
+        api.charge(key, sum(len(p) + body.n * body.max_tokens for p in prompts))
+        headers = api.limit_headers(key)
+        if body.stream:
+            gen = api.completion_stream(body, prompts, request)
+            first = await anext(gen)
+            return StreamingResponse(_prepend(first, gen), media_type="text/event-stream",
+                                     headers=headers | {"cache-control": "no-cache"})
+        return JSONResponse(await api.completion_result(body, prompts, request), headers=headers)
+
+    @app.get("/v1/chat/deferred-completion/{request_id}")
+    async def deferred_completion(request_id: str, request: Request):
+        api.authorize(request)
+        state, status, result = api.store.take(request_id)
+        if state == "unknown":
+            raise NotFoundError(f"no deferred completion {request_id!r} (unknown, already retrieved, or expired)")
+        if state == "pending":
+            return Response(status_code=202)
+        return JSONResponse(result, status_code=status)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        api.authorize(request)
+        return {"object": "list", "data": [api.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        api.authorize(request)
+        api.check_model(model_id)
+        return api.model_card()
+
+    @app.get("/v1/language-models")
+    async def language_models(request: Request):
+        api.authorize(request)
+        return {"models": [api.language_model()]}
+
+    @app.get("/v1/language-models/{model_id:path}")
+    async def language_model(model_id: str, request: Request):
+        api.authorize(request)
+        api.check_model(model_id)
+        return api.language_model()
+
+    @app.post("/v1/tokenize-text")
+    async def tokenize_text(body: TokenizeTextRequest, request: Request):
+        api.authorize(request)
+        if body.model is not None:
+            api.check_model(body.model)
+        ids = api.tok.encode(body.text, allow_special=False)
+        out = []
+        for tid in ids:
+            text, raw = api.token_text(tid)
+            out.append({"token_id": tid, "string_token": text, "token_bytes": raw})
+        return {"token_ids": out}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        api.authorize(request)
+        tok = api.tok
+        eos = tok.decode([tok.eos_id])
+        bos_id = getattr(tok, "bos_id", None)
+        return {"eos_token": eos, "eos_token_id": tok.eos_id,
+                "bos_token": tok.decode([bos_id]) if bos_id is not None else None,
+                "pad_token": eos, "chat_template": getattr(tok, "template", None), "vocab_size": tok.vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request):
+        api.authorize(request)
+        return {"tokens": api.tok.encode(body.prompt)}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request):
+        api.authorize(request)
+        if body.tokens and max(body.tokens) >= api.lm.config.vocab_size:
+            raise InvalidArgumentError("token ids outside the vocabulary")
+        return {"prompt": api.tok.decode(body.tokens)}
+
+    @app.get("/health")
+    async def health():
+        s = engine.stats()
+        return {"status": "ok", "model": settings.model_id, "running": s.running, "waiting": s.waiting}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(api.metrics.render(engine, api.store), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for item in rest:
+        yield item
