@@ -20,6 +20,7 @@ from .sampling import SamplingParams, penalize, sample, top_logprobs
 from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512  # tokens per prefill step: bounds activation memory for long prompts
+REJECTIONS_BEFORE_MASK = 16  # constrained sampling: draws to try before checking every token
 
 
 @dataclass
@@ -117,14 +118,18 @@ class Sequence:
         if self.constraint is None:
             return sample(logits, self.params, self.generator)
         # Constrained: draw from the distribution restricted to allowed tokens by rejection, which
-        # samples exactly the renormalised distribution and checks only the tokens it draws.
+        # samples exactly the renormalised distribution and checks only the tokens it draws. When the
+        # model keeps proposing forbidden tokens, check the whole vocabulary once instead.
         logits = logits.clone()
-        for _ in range(logits.shape[-1]):
+        for _ in range(REJECTIONS_BEFORE_MASK):
             tok = sample(logits, self.params, self.generator)
             if self.constraint.allows(tok, tok in self.stop_ids):
                 return tok
             logits[tok] = float("-inf")
-        raise InvalidArgumentError("the output constraint allows no token of this vocabulary")
+        allowed = torch.tensor([self.constraint.allows(t, t in self.stop_ids) for t in range(logits.shape[-1])])
+        if not allowed.any():
+            raise InvalidArgumentError("the output constraint allows no token of this vocabulary")
+        return sample(logits.masked_fill(~allowed, float("-inf")), self.params, self.generator)
 
     def add_text(self, delta: str) -> tuple[str, bool]:
         """Append decoded text; return what may be released now and whether a stop string ended it."""

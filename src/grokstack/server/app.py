@@ -239,6 +239,8 @@ class Api:
             return None
         if fmt.type == "json_schema":
             raise InvalidArgumentError("response_format json_schema is not supported yet; use json_object")
+        if body.stop:
+            raise InvalidArgumentError("stop strings could cut a json_object response mid-object; leave stop out")
         from ..json_constraint import JsonObjectConstraint
 
         return [JsonObjectConstraint(self.tok.token_bytes) for _ in range(body.n)]
