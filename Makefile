@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TINY ?= $(VENV)/tiny-grok2
 
-.PHONY: setup run chat tiny test lint bench clean
+.PHONY: setup run chat serve tiny test lint bench clean
 
 $(BIN)/grokstack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,9 @@ run: setup
 chat: setup
 	$(BIN)/grokstack chat
 
+serve: setup
+	$(BIN)/grokstack serve
+
 # A tiny random Grok-2 checkpoint in the exact release layout, loaded and run like the real one.
 tiny: setup
 	$(BIN)/grokstack make-tiny --arch grok-2 $(TINY) --force
@@ -38,6 +41,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -95,3 +95,17 @@ def test_bad_tokenizer_files(tmp_path):
     junk.write_bytes(b"\x00garbage")
     with pytest.raises(TokenizerError):
         SentencePieceTokenizer(junk)
+
+
+def test_grok2_jinja_template_renders_the_same_ids(tmp_path):
+    from grokstack.chat_template import render
+    from grokstack.tiny import write_tiny_tok_json
+    from grokstack.tokenizer import Grok2Tokenizer
+
+    write_tiny_tok_json(tmp_path / "tokenizer.tok.json")
+    tok = Grok2Tokenizer(tmp_path / "tokenizer.tok.json")
+    msgs = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi\nthere "},
+            {"role": "assistant", "content": " Hello! "}, {"role": "user", "content": "And now?"}]
+    text = render(tok.template, msgs, add_generation_prompt=True)
+    assert text.endswith("Human: And now?<|separator|>\n\nAssistant:")
+    assert tok.encode(text) == tok.chat_ids(msgs)

@@ -22,6 +22,15 @@ V1_PAT = (
 _NAMED_SPECIAL = re.compile(r"<\|(pad|separator|eos|control\d+|reserved_\d+)\|>")
 SEPARATOR = "<|separator|>"
 EOS = "<|eos|>"
+# Grok-2's chat format as a Jinja template, for clients that render prompts themselves (lm-eval reads it
+# from /tokenizer_info); `Grok2Tokenizer.chat_ids` builds the same ids without rendering text.
+GROK2_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ 'System: ' + m['content'] | trim + '<|separator|>\n\n' }}"
+    "{% elif m['role'] == 'user' %}{{ 'Human: ' + m['content'] | trim + '<|separator|>\n\n' }}"
+    "{% else %}{{ 'Assistant: ' + m['content'] + '<|separator|>\n\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 
 class Tokenizer:
@@ -77,6 +86,7 @@ class Grok2Tokenizer(Tokenizer):
     """`tokenizer.tok.json` via tiktoken; special texts in prompts map to their ids as in SGLang."""
 
     ROLE_PREFIX = {"system": "System: ", "user": "Human: ", "assistant": "Assistant: "}
+    template = GROK2_CHAT_TEMPLATE
 
     def __init__(self, path: Path, chat_specials_in_content: bool = False) -> None:
         import tiktoken

@@ -72,8 +72,10 @@ class Job:
     """One engine request seen from the event loop: events arrive on an asyncio queue."""
 
     def __init__(self, app_state, prompt: list[int], params: list[SamplingParams], constraints=None,
-                 prompt_logprobs: int | None = None, generate: bool = True) -> None:
+                 prompt_logprobs: int | None = None, generate: bool = True, key: Key | None = None) -> None:
         self.state = app_state
+        self.key = key  # its tokens/min bucket gets back what the request reserved but did not use
+        self.unused = sum(sp.max_tokens for sp in params) if generate else 0
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.prompt = prompt
@@ -89,6 +91,7 @@ class Job:
     async def events(self, request: Request | None = None) -> AsyncIterator[Event | PromptLogprobs | None]:
         """Engine events until every choice finished; None now and then while waiting (for keep-alives)."""
         metrics = self.state.metrics
+        quiet_since = time.monotonic()
         try:
             while self.finished < self.n:
                 try:
@@ -96,8 +99,11 @@ class Job:
                 except TimeoutError:
                     if request is not None and await request.is_disconnected():
                         return
-                    yield None
+                    if time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
+                        quiet_since = time.monotonic()
+                        yield None
                     continue
+                quiet_since = stamp
                 if isinstance(ev, BaseException):
                     raise ev
                 if isinstance(ev, Event):
@@ -108,12 +114,16 @@ class Job:
                         elif prev is not None:
                             metrics.itl.observe(stamp - prev)
                         self.last_token[ev.index] = stamp
+                        self.unused -= 1
                         metrics.completion_tokens.inc()
                     self.finished += ev.finish_reason is not None
                 yield ev
         finally:
             if self.finished < self.n:
                 self.state.engine.cancel(self.req)
+            if self.key is not None:
+                self.key.tokens.give(max(0, self.unused))
+                self.key = None
 
     async def collect(
         self, request: Request | None, logprobs: bool
@@ -289,8 +299,10 @@ class Api:
             params = [p.replace(logprobs=body.top_logprobs or 0) for p in params]
         return prompt, params, self.constraints(body)
 
-    async def chat_result(self, body: ChatCompletionRequest, prompt, params, constraints, request) -> dict:
-        job = Job(self, prompt, params, constraints)
+    async def chat_result(
+        self, body: ChatCompletionRequest, prompt, params, constraints, request, key: Key | None = None
+    ) -> dict:
+        job = Job(self, prompt, params, constraints, key=key)
         self.metrics.prompt_tokens.inc(len(prompt))
         results, _ = await job.collect(request, body.logprobs)
         choices = []
@@ -312,9 +324,9 @@ class Api:
         return set(sp.stop_token_ids) if sp.stop_token_ids is not None else set(self.tok.stop_ids)
 
     async def chat_stream(
-        self, body: ChatCompletionRequest, prompt, params, constraints, request
+        self, body: ChatCompletionRequest, prompt, params, constraints, request, key: Key | None = None
     ) -> AsyncIterator[bytes]:
-        job = Job(self, prompt, params, constraints)
+        job = Job(self, prompt, params, constraints, key=key)
         self.metrics.prompt_tokens.inc(len(prompt))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
         usage_on = bool(body.stream_options and body.stream_options.include_usage)
@@ -417,7 +429,9 @@ class Api:
         out["token_logprobs"].append(e.logprob)
         out["top_logprobs"].append(top)
 
-    async def completion_result(self, body: CompletionRequest, prompts: list[list[int]], request: Request) -> dict:
+    async def completion_result(
+        self, body: CompletionRequest, prompts: list[list[int]], request: Request, key: Key | None = None
+    ) -> dict:
         want_lps = body.logprobs is not None
         jobs = []
         for ids in prompts:
@@ -425,7 +439,7 @@ class Api:
             if want_lps:
                 params = [sp.replace(logprobs=body.logprobs) for sp in params]
             jobs.append(Job(self, ids, params, prompt_logprobs=body.logprobs if body.echo and want_lps else None,
-                            generate=body.max_tokens > 0))
+                            generate=body.max_tokens > 0, key=key))
             self.metrics.prompt_tokens.inc(len(ids))
         gathered = await asyncio.gather(*(job.collect(request, want_lps) for job in jobs))
         choices, completion_tokens = [], 0
@@ -450,7 +464,9 @@ class Api:
             "system_fingerprint": self.fingerprint,
         }
 
-    async def completion_stream(self, body: CompletionRequest, prompts: list[list[int]], request: Request):
+    async def completion_stream(
+        self, body: CompletionRequest, prompts: list[list[int]], request: Request, key: Key | None = None
+    ):
         cid, created = f"cmpl-{uuid.uuid4().hex}", _now()
         usage_on = bool(body.stream_options and body.stream_options.include_usage)
         want_lps = body.logprobs is not None
@@ -476,7 +492,7 @@ class Api:
             params = self.sampling(body, len(ids), body.max_tokens)
             if want_lps:
                 params = [sp.replace(logprobs=body.logprobs) for sp in params]
-            jobs.append(Job(self, ids, params))
+            jobs.append(Job(self, ids, params, key=key))
             self.metrics.prompt_tokens.inc(len(ids))
         tasks = [asyncio.create_task(pump(pi, job)) for pi, job in enumerate(jobs)]
         generated, left = 0, len(jobs)
@@ -639,11 +655,11 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
             return JSONResponse({"request_id": job_id}, headers=headers)
         if body.stream:
             # submit now so queue-full and context errors are a proper status, not a broken stream
-            gen = api.chat_stream(body, prompt, params, constraints, request)
+            gen = api.chat_stream(body, prompt, params, constraints, request, key)
             first = await anext(gen)
             return StreamingResponse(_prepend(first, gen), media_type="text/event-stream",
                                      headers=headers | {"cache-control": "no-cache"})
-        return JSONResponse(await api.chat_result(body, prompt, params, constraints, request), headers=headers)
+        return JSONResponse(await api.chat_result(body, prompt, params, constraints, request, key), headers=headers)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -654,11 +670,11 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
         api.charge(key, sum(len(p) + body.n * body.max_tokens for p in prompts))
         headers = api.limit_headers(key)
         if body.stream:
-            gen = api.completion_stream(body, prompts, request)
+            gen = api.completion_stream(body, prompts, request, key)
             first = await anext(gen)
             return StreamingResponse(_prepend(first, gen), media_type="text/event-stream",
                                      headers=headers | {"cache-control": "no-cache"})
-        return JSONResponse(await api.completion_result(body, prompts, request), headers=headers)
+        return JSONResponse(await api.completion_result(body, prompts, request, key), headers=headers)
 
     @app.get("/v1/chat/deferred-completion/{request_id}")
     async def deferred_completion(request_id: str, request: Request):
