@@ -182,20 +182,26 @@ def add_sentencepiece_tokenizer(w: GGUFWriter, model_file: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- whole files
-def write_grok_gguf(path: Path, model, tokenizer_file: Path | None, qtype: Q = Q.F32) -> Path:
-    """A Grok-1 or Grok-2 model as llama.cpp's GrokModel converter writes it."""
-    cfg = model.cfg
-    w = GGUFWriter(str(path), "grok")
+def start_gguf(path: Path, arch: str, cfg, feed_forward: int) -> GGUFWriter:
+    """A writer with the shape keys every architecture has (what llama.cpp's TextModel writes)."""
+    w = GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size if cfg.residual_moe else cfg.moe_intermediate_size)
+    w.add_feed_forward_length(feed_forward)
     w.add_head_count(cfg.num_heads)
     w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(float(cfg.rope_theta))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    return w
+
+
+def write_grok_gguf(path: Path, model, tokenizer_file: Path | None, qtype: Q = Q.F32) -> Path:
+    """A Grok-1 or Grok-2 model as llama.cpp's GrokModel converter writes it."""
+    cfg = model.cfg
+    w = start_gguf(path, "grok", cfg, cfg.intermediate_size if cfg.residual_moe else cfg.moe_intermediate_size)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
     w.add_expert_count(cfg.num_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     w.add_attn_logit_softcapping(cfg.attn_softcap)
@@ -227,15 +233,7 @@ def write_grok_gguf(path: Path, model, tokenizer_file: Path | None, qtype: Q = Q
 
 def write_llama_gguf(path: Path, model, qtype: Q = Q.F32, tokenizer: dict | None = None) -> Path:
     cfg = model.cfg
-    w = GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_rope_freq_base(float(cfg.rope_theta))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w = start_gguf(path, "llama", cfg, cfg.intermediate_size)
     w.add_rope_dimension_count(cfg.head_dim)
     if tokenizer:
         w.add_tokenizer_model("gpt2")

@@ -16,7 +16,7 @@ from grokstack.loading.gguf import open_gguf
 from grokstack.tiny import make_tiny, random_model
 from grokstack.tokenizer import SentencePieceTokenizer
 
-from .gguf_files import _finish, bytes_to_unicode, gguf_name, write_grok_gguf, write_llama_gguf
+from .gguf_files import _finish, bytes_to_unicode, gguf_name, start_gguf, write_grok_gguf, write_llama_gguf
 
 TEXTS = [
     "Hello world! How are you?",
@@ -81,12 +81,7 @@ def _kquant_bytes(qtype: Q, rows: int, cols: int, seed: int) -> np.ndarray:
 def test_k_quants_load(tmp_path, qtype):
     cfg = tiny_llama_config(hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=256)
     model = random_model(cfg, seed=2)
-    w = GGUFWriter(str(tmp_path / "k.gguf"), "llama")
-    for key, value in (("block_count", 2), ("embedding_length", 256), ("feed_forward_length", 256)):
-        w.add_uint32(f"llama.{key}", value)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
+    w = start_gguf(tmp_path / "k.gguf", "llama", cfg, cfg.intermediate_size)
     raw = _kquant_bytes(qtype, 256, 256, seed=5)
     for name, t in model.named_parameters():
         if name == "layers.0.mlp.up_proj.weight":
@@ -191,12 +186,7 @@ def test_not_a_gguf_and_truncated(tmp_path):
 
 def test_unsupported_quant_and_architecture(tmp_path):
     model = random_model(tiny_llama_config(hidden_size=64, num_heads=8), seed=0)
-    w = GGUFWriter(str(tmp_path / "iq.gguf"), "llama")
-    for key, value in (("block_count", 2), ("embedding_length", 64), ("feed_forward_length", 96)):
-        w.add_uint32(f"llama.{key}", value)
-    w.add_head_count(8)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
+    w = start_gguf(tmp_path / "iq.gguf", "llama", model.cfg, model.cfg.intermediate_size)
     for name, t in model.named_parameters():
         a = t.detach().numpy().astype(np.float32)
         if name == "layers.0.mlp.up_proj.weight":  # [96, 64]: IQ4_NL blocks of 32 values, 18 bytes each
@@ -216,12 +206,7 @@ def test_unsupported_quant_and_architecture(tmp_path):
 @pytest.mark.parametrize("case, message", [("extra", "mystery"), ("missing", "1 weights missing")])
 def test_missing_and_extra_tensors(tmp_path, case, message):
     model = random_model(tiny_llama_config(), seed=0)
-    w = GGUFWriter(str(tmp_path / "m.gguf"), "llama")
-    for key, value in (("block_count", 2), ("embedding_length", 48), ("feed_forward_length", 96)):
-        w.add_uint32(f"llama.{key}", value)
-    w.add_head_count(6)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
+    w = start_gguf(tmp_path / "m.gguf", "llama", model.cfg, model.cfg.intermediate_size)
     for name, t in model.named_parameters():
         if case == "extra" or name != "layers.1.mlp.down_proj.weight":
             w.add_tensor(gguf_name(name), t.detach().numpy().astype(np.float32))
