@@ -81,6 +81,8 @@ def test_knob_override_and_bad_knob(tiny2):
         (["generate", "--model", "DIR", "--max-tokens", "0", "x"], 2, "max_tokens"),
         (["generate", "--model", "DIR", "word " * 400], 1, "context"),
         (["generate", "--model", "EMPTY", "x"], 1, "not a checkpoint"),
+        (["serve", "--max-batch", "0"], 2, "--max-batch must be >= 1"),
+        (["serve", "--model", "DIR", "--api-keys-file", "/no/such/keys"], 1, "cannot read the API keys file"),
     ],
 )
 def test_bad_input_clear_errors(tiny2, tmp_path, args, code, message):
