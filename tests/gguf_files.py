@@ -182,9 +182,9 @@ def add_sentencepiece_tokenizer(w: GGUFWriter, model_file: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- whole files
-def start_gguf(path: Path, arch: str, cfg, feed_forward: int) -> GGUFWriter:
+def start_gguf(path: Path, arch: str, cfg, feed_forward: int, split: int = 0) -> GGUFWriter:
     """A writer with the shape keys every architecture has (what llama.cpp's TextModel writes)."""
-    w = GGUFWriter(str(path), arch)
+    w = GGUFWriter(str(path), arch, split_max_tensors=split)
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -196,10 +196,11 @@ def start_gguf(path: Path, arch: str, cfg, feed_forward: int) -> GGUFWriter:
     return w
 
 
-def write_grok_gguf(path: Path, model, tokenizer_file: Path | None, qtype: Q = Q.F32) -> Path:
-    """A Grok-1 or Grok-2 model as llama.cpp's GrokModel converter writes it."""
+def write_grok_gguf(path: Path, model, tokenizer_file: Path | None, qtype: Q = Q.F32, split: int = 0) -> Path:
+    """A Grok-1 or Grok-2 model as llama.cpp's GrokModel converter writes it (`split`: tensors per part)."""
     cfg = model.cfg
-    w = start_gguf(path, "grok", cfg, cfg.intermediate_size if cfg.residual_moe else cfg.moe_intermediate_size)
+    ff = cfg.intermediate_size if cfg.residual_moe else cfg.moe_intermediate_size
+    w = start_gguf(path, "grok", cfg, ff, split)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     w.add_expert_count(cfg.num_experts)

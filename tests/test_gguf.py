@@ -146,6 +146,22 @@ def test_grok2_gguf_quantized_experts(tiny2, tmp_path):
         assert np.array_equal(got[e], quants.dequantize(quants.quantize(w1[e], Q.Q8_0), Q.Q8_0))
 
 
+def test_split_gguf_loads_from_any_part_or_its_folder(tiny2, tmp_path):
+    ref = grokstack.load(tiny2)
+    folder = tmp_path / "split"
+    folder.mkdir()
+    write_grok_gguf(folder / "grok2.gguf", ref.model, None, split=10)
+    parts = sorted(folder.glob("*.gguf"))
+    assert len(parts) > 2 and parts[0].name == f"grok2-00001-of-{len(parts):05d}.gguf"
+    ids = list(range(3, 30))
+    expect = logits(ref.model, ids)
+    for where in (folder, parts[1]):
+        assert torch.allclose(logits(grokstack.load(where).model, ids), expect, rtol=0, atol=1e-4)
+    parts[-1].unlink()
+    with pytest.raises(CheckpointError, match=f"missing part.*{parts[-1].name}"):
+        grokstack.load(parts[0])
+
+
 def test_grok1_gguf_matches_ckpt_and_sentencepiece(tmp_path):
     folder = make_tiny("grok-1", tmp_path / "g1")
     ref = grokstack.load(folder)

@@ -10,7 +10,7 @@ import torch
 from ..config import ModelConfig, from_hf_config, grok1_preset, load_config_file, read_json
 from ..errors import CheckpointError
 from ..model import Transformer
-from .gguf import GGUFFile, gguf_config, load_gguf, open_gguf
+from .gguf import GGUFFile, gguf_config, load_gguf, open_gguf, split_parts
 from .grok1_ckpt import find_ckpt_dir, load_grok1
 from .safetensors_folder import load_safetensors_folder
 
@@ -31,6 +31,8 @@ def inspect_checkpoint(path: Path, config: Path | None = None) -> Checkpoint:
         raise CheckpointError(f"no such file or folder: {path}")
     if path.is_dir() and not any(path.glob("*.safetensors")) and find_ckpt_dir(path) is None:
         ggufs = sorted(path.glob("*.gguf"))  # a downloaded GGUF repository holding one quant
+        if ggufs and all(g in split_parts(ggufs[0]) for g in ggufs):
+            ggufs = ggufs[:1]  # the parts of one split GGUF: open it by its first part
         if len(ggufs) > 1:
             names = ", ".join(g.name for g in ggufs)
             raise CheckpointError(f"{path} holds several GGUF files ({names}); pass one of them")

@@ -78,11 +78,43 @@ class GGUFFile:
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
 
 
+SPLIT_NAME = re.compile(r"(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
+
+
+def split_parts(path: Path) -> list[Path]:
+    """All files of a split GGUF (llama.cpp's `-00001-of-0000N.gguf` parts), or just `path`."""
+    m = SPLIT_NAME.fullmatch(Path(path).name)
+    if not m:
+        return [Path(path)]
+    count = int(m["count"])
+    return [Path(path).with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
 def open_gguf(path: Path) -> GGUFFile:
-    """Read the header; any malformed or truncated file becomes a CheckpointError."""
+    """Read the header (of every part of a split GGUF); malformed or truncated files become CheckpointErrors."""
+    parts = split_parts(path)
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is one part of a split GGUF; missing part(s): {', '.join(missing)}")
+    gf = _open_one(parts[0])
+    count = int(gf.metadata.get("split.count", 1))
+    if count != len(parts):
+        raise CheckpointError(f"{parts[0]} says it has {count} split part(s), but its name says {len(parts)}")
+    for part in parts[1:]:
+        more = _open_one(part)
+        dup = set(more.tensors) & set(gf.tensors)
+        if dup:
+            raise CheckpointError(f"{part}: tensor {sorted(dup)[0]} is also in an earlier part")
+        gf.tensors.update(more.tensors)
+    expected = int(gf.metadata.get("split.tensors.count", len(gf.tensors)))
+    if len(gf.tensors) != expected:
+        raise CheckpointError(f"{path}: the parts hold {len(gf.tensors)} tensors, the header says {expected}")
+    return gf
+
+
+def _open_one(path: Path) -> GGUFFile:
     from gguf import GGUFReader
 
-    path = Path(path)
     try:
         with path.open("rb") as f:
             magic = f.read(4)
