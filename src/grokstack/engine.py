@@ -304,11 +304,20 @@ class Engine:
             choices = []
             for j, (sp, budget, slot) in enumerate(zip(req.params, req.budgets, slots, strict=True)):
                 seed = None if sp.seed is None else sp.seed + j
-                seq = Sequence(
-                    req.prompt, sp, budget, self.lm.tokenizer, self.model.cfg.vocab_size, self.stop_ids, seed,
-                    req.constraints[j],
-                )
+                try:
+                    seq = Sequence(
+                        req.prompt, sp, budget, self.lm.tokenizer, self.model.cfg.vocab_size, self.stop_ids, seed,
+                        req.constraints[j],
+                    )
+                except Exception as exc:  # noqa: BLE001 - reported to its request; the others run on
+                    self._fail(req, exc)
+                    seq = None
                 choices.append(_Choice(req, j, slot, seq))
+            if req.cancelled:
+                self._free.extend(slots)
+                self._free.sort()
+                self._reserved -= req.reserved
+                continue
             self._running.append(_Running(req, choices))
 
     def _prefill_chunk(self) -> None:
@@ -343,7 +352,7 @@ class Engine:
             if c is not first:  # the other choices share the prompt's keys and values
                 self.cache.copy_row(first.slot, c.slot, len(prompt))
             c.pos = len(prompt)
-            self._emit(c, c.seq.step(logits, c.index))
+            self._step(c, logits)
 
     def _decode_step(self) -> None:
         """One token for every sequence past its prefill."""
@@ -364,7 +373,26 @@ class Engine:
         logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache)[:, -1].float().cpu()
         for c in live:
             c.pos += 1
-            self._emit(c, c.seq.step(logits[c.slot], c.index))
+            if not c.request.cancelled:
+                self._step(c, logits[c.slot])
+
+    def _step(self, c: _Choice, logits: torch.Tensor) -> None:
+        """Sample one choice's next token; a failure there (its own parameters) ends only its request."""
+        try:
+            ev = c.seq.step(logits, c.index)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(c.request, exc)
+            c.seq.done = True
+            return
+        self._emit(c, ev)
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        log.warning("request %d failed: %s", req.id, exc)
+        req.cancelled = True
+        try:
+            req.emit(exc)
+        except Exception:  # noqa: BLE001 - nobody left to tell
+            log.exception("event consumer failed")
 
     def _emit(self, c: _Choice, ev: Event) -> None:
         c.next_token = ev.token_id

@@ -75,7 +75,7 @@ class Sequence:
         self.decoder = tokenizer.stream_decoder() if tokenizer else None
         self.stop_ids = frozenset(params.stop_token_ids) if params.stop_token_ids is not None else stop_ids
         self.generator = torch.Generator(device="cpu").manual_seed(
-            seed if seed is not None else random.getrandbits(63)
+            seed % (1 << 64) if seed is not None else random.getrandbits(63)  # any int seeds; torch takes 64 bits
         )
         self.seen = torch.zeros(vocab_size, dtype=torch.bool)
         self.seen[prompt] = True

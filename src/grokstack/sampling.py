@@ -89,6 +89,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
+    if not torch.isfinite(logits.max()):  # a tiny temperature (or penalty) overflowed: the limit is greedy
+        return int(torch.argmax(logits))
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

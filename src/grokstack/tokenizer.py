@@ -125,15 +125,18 @@ class Grok2Tokenizer(Tokenizer):
         return self.enc.encode(text, allowed_special=allowed, disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
-        return self.enc.decode_bytes(list(ids)).decode("utf-8", errors="replace")
+        """Text of the ids, special tokens included; ids the vocabulary lacks (a padded embedding) add nothing."""
+        out = b"".join(self._piece(i) for i in ids)
+        return out.decode("utf-8", errors="replace")
 
-    def token_bytes(self, token_id: int) -> bytes:
-        if token_id in self._special_id_set:
-            return b""
+    def _piece(self, token_id: int) -> bytes:
         try:
             return self.enc.decode_single_token_bytes(token_id)
         except KeyError:
             return b""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return b"" if token_id in self._special_id_set else self._piece(token_id)
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Grok-2's template; contents are plain text so they cannot forge turns (spec §8)."""
@@ -187,7 +190,7 @@ class SentencePieceTokenizer(Tokenizer):
         return list(self.sp.encode(text))
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(list(ids))
+        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
 
     def token_bytes(self, token_id: int) -> bytes:
         sp = self.sp

@@ -85,6 +85,14 @@ class Job:
         self.finished = 0
         self.req = app_state.engine.submit(prompt, params, self._emit, constraints, prompt_logprobs, generate)
 
+    def cancel(self) -> None:
+        """Withdraw the request if it is still running (its client or its batch gave up)."""
+        if self.finished < self.n:
+            self.state.engine.cancel(self.req)
+        if self.key is not None:
+            self.key.tokens.give(max(0, self.unused))
+            self.key = None
+
     def _emit(self, ev) -> None:  # engine thread: only stamp and enqueue
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (time.monotonic(), ev))
 
@@ -119,11 +127,7 @@ class Job:
                     self.finished += ev.finish_reason is not None
                 yield ev
         finally:
-            if self.finished < self.n:
-                self.state.engine.cancel(self.req)
-            if self.key is not None:
-                self.key.tokens.give(max(0, self.unused))
-                self.key = None
+            self.cancel()
 
     async def collect(
         self, request: Request | None, logprobs: bool
@@ -214,6 +218,9 @@ class Api:
             else:
                 stops.append(s)
         room = self.engine.max_model_len - prompt_len
+        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+        if bias and max(bias) >= self.lm.config.vocab_size:
+            raise InvalidArgumentError(f"logit_bias token id {max(bias)} is outside 0..{self.lm.config.vocab_size - 1}")
         base = dict(
             max_tokens=max_tokens if max_tokens is not None else max(room, 1),
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -226,7 +233,7 @@ class Api:
             seed=body.seed,
             stop=stops,
             stop_token_ids=sorted(self.tok.stop_ids | stop_ids) if stop_ids else None,
-            logit_bias=body.logit_bias,
+            logit_bias=bias or None,
         )
         return [SamplingParams(**base) for _ in range(body.n)]
 
@@ -433,15 +440,13 @@ class Api:
         self, body: CompletionRequest, prompts: list[list[int]], request: Request, key: Key | None = None
     ) -> dict:
         want_lps = body.logprobs is not None
-        jobs = []
-        for ids in prompts:
-            params = self.sampling(body, len(ids), body.max_tokens or 1)
-            if want_lps:
-                params = [sp.replace(logprobs=body.logprobs) for sp in params]
-            jobs.append(Job(self, ids, params, prompt_logprobs=body.logprobs if body.echo and want_lps else None,
-                            generate=body.max_tokens > 0, key=key))
-            self.metrics.prompt_tokens.inc(len(ids))
-        gathered = await asyncio.gather(*(job.collect(request, want_lps) for job in jobs))
+        jobs = self.submit_prompts(body, prompts, key, max(body.max_tokens, 1),
+                                   body.logprobs if body.echo and want_lps else None, body.max_tokens > 0)
+        try:
+            gathered = await asyncio.gather(*(job.collect(request, want_lps) for job in jobs))
+        finally:
+            for job in jobs:
+                job.cancel()
         choices, completion_tokens = [], 0
         for pi, (ids, (results, prompt_lps)) in enumerate(zip(prompts, gathered, strict=True)):
             prompt_text = self.tok.decode(ids) if body.echo else ""
@@ -487,13 +492,7 @@ class Api:
                 await queue.put((pi, exc))
             await queue.put((pi, StopAsyncIteration()))
 
-        jobs = []
-        for ids in prompts:
-            params = self.sampling(body, len(ids), body.max_tokens)
-            if want_lps:
-                params = [sp.replace(logprobs=body.logprobs) for sp in params]
-            jobs.append(Job(self, ids, params, key=key))
-            self.metrics.prompt_tokens.inc(len(ids))
+        jobs = self.submit_prompts(body, prompts, key, body.max_tokens)
         tasks = [asyncio.create_task(pump(pi, job)) for pi, job in enumerate(jobs)]
         generated, left = 0, len(jobs)
         try:
@@ -527,12 +526,32 @@ class Api:
         except GrokstackError as exc:
             kind = errors.KINDS.get(exc.http_status, errors.KINDS[500])
             yield _sse({"error": {"message": str(exc), "type": kind[0], "code": kind[1]}})
+        except Exception as exc:  # noqa: BLE001 - a stream cannot change its status any more
+            log.exception("stream failed")
+            yield _sse({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
+                                  "code": "internal_error"}})
         finally:
             for t in tasks:
                 t.cancel()
             for job in jobs:
-                if job.finished < job.n:
-                    self.engine.cancel(job.req)
+                job.cancel()
+
+    def submit_prompts(self, body: CompletionRequest, prompts: list[list[int]], key: Key | None, max_tokens: int,
+                       prompt_logprobs: int | None = None, generate: bool = True) -> list[Job]:
+        """One engine request per prompt; if any is refused, the ones already queued are withdrawn."""
+        jobs: list[Job] = []
+        try:
+            for ids in prompts:
+                params = self.sampling(body, len(ids), max_tokens)
+                if body.logprobs is not None:
+                    params = [sp.replace(logprobs=body.logprobs) for sp in params]
+                jobs.append(Job(self, ids, params, prompt_logprobs=prompt_logprobs, generate=generate, key=key))
+                self.metrics.prompt_tokens.inc(len(ids))
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
+        return jobs
 
     # ------------------------------------------------------------------ deferred
     def spawn_deferred(self, job_id: str, body: ChatCompletionRequest) -> None:
@@ -547,12 +566,17 @@ class Api:
                         await asyncio.sleep(1.0)
                 self.store.finish(job_id, 200, result)
             except GrokstackError as exc:
-                body_ = json.loads(errors.error_response(exc.http_status, str(exc), self.settings.error_style).body)
-                self.store.finish(job_id, exc.http_status, body_)
+                self.store.finish(job_id, exc.http_status, self.error_body(exc.http_status, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - stored as the job's answer, never left pending
+                log.exception("deferred job %s failed", job_id)
+                self.store.finish(job_id, 500, self.error_body(500, f"internal error: {type(exc).__name__}"))
 
         task = asyncio.create_task(run())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def error_body(self, status: int, message: str) -> dict:
+        return json.loads(errors.error_response(status, message, self.settings.error_style).body)
 
     # ------------------------------------------------------------------ listings
     def model_card(self) -> dict:
@@ -575,38 +599,82 @@ class Api:
 
 
 # ----------------------------------------------------------------------------- app
-class BodyLimit:
-    """ASGI middleware: bodies over the limit get a 413 before they are read into memory."""
+class Edge:
+    """The outermost ASGI layer: every response gets an x-request-id and is counted; bodies are read here
+    (at most `limit` bytes, else 413) and JSON is assumed whatever the content type (curl -d sends a form
+    type); an exception that escapes the app becomes a 500 envelope instead of a dropped connection."""
 
-    def __init__(self, app, limit: int, style: str) -> None:
-        self.app, self.limit, self.style = app, limit, style
+    def __init__(self, app, limit: int, style: str, metrics: Metrics) -> None:
+        self.app, self.limit, self.style, self.metrics = app, limit, style, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        too_big = errors.error_response(413, f"the request body is larger than {self.limit} bytes", self.style)
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await too_big(scope, receive, send)
-        seen = 0
+        rid = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        status = 500
+        started = False
 
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooBig
-            return message
+        async def send_with_id(message):
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
 
         try:
-            await self.app(scope, limited_receive, send)
-        except _TooBig:
-            await too_big(scope, receive, send)
+            body = await self._read_body(scope, receive)
+            if body is None:
+                await errors.error_response(413, f"the request body is larger than {self.limit} bytes",
+                                            self.style)(scope, receive, send_with_id)
+                return
+            await self.app(self._as_json(scope), self._replay(body, receive), send_with_id)
+        except Exception:
+            log.exception("internal error on %s", scope.get("path"))
+            if not started:
+                await errors.error_response(500, "internal error", self.style)(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            self.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()
 
+    async def _read_body(self, scope, receive) -> bytes | None:
+        """The whole body, or None past the limit (declared or actual)."""
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        return b"".join(chunks)
 
-class _TooBig(Exception):
-    pass
+    @staticmethod
+    def _replay(body: bytes, receive):
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect like a real receive
+
+        return replay
+
+    @staticmethod
+    def _as_json(scope):
+        if scope.get("method") != "POST":
+            return scope
+        headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+        return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
 
 def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
@@ -626,19 +694,9 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
     app = FastAPI(title="grokstack", version=__version__, lifespan=lifespan)
     app.state.api = api
     app.state.error_style = settings.error_style
-    app.state.log = log
     errors.install(app)
 
-    @app.middleware("http")
-    async def request_id_and_count(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        response = await call_next(request)
-        response.headers["x-request-id"] = rid
-        route = request.scope.get("route")
-        api.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
-
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, style=settings.error_style)
+    app.add_middleware(Edge, limit=settings.max_body_bytes, style=settings.error_style, metrics=api.metrics)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):

@@ -69,6 +69,8 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     field = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return error_response(400, f"the request body is not valid JSON: {first.get('msg')}", _style(request))
+    if field is None:  # the body as a whole: absent, or not an object
+        return error_response(400, "the request body must be a JSON object", _style(request))
     if first.get("type") == "missing":
         return error_response(422, f"missing required field '{field}'", _style(request), param=field)
     msg = first.get("msg", "invalid value")
@@ -83,13 +85,7 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
     return error_response(exc.status_code, message, _style(request), headers=getattr(exc, "headers", None))
 
 
-async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    request.app.state.log.exception("internal error on %s", request.url.path)
-    return error_response(500, f"internal error: {type(exc).__name__}", _style(request))
-
-
 def install(app) -> None:
     app.add_exception_handler(GrokstackError, on_grokstack_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)

@@ -52,7 +52,7 @@ class _Sampling(_Body):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty = 0.0
@@ -75,15 +75,10 @@ class _Sampling(_Body):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, v):
-        if v is None:
-            return None
-        out = {}
-        for key, value in v.items():
-            try:
-                out[int(key)] = value
-            except ValueError:
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
-        return out
+        for key in v or {}:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        return v
 
 
 class ChatCompletionRequest(_Sampling):
