@@ -56,7 +56,7 @@ def test_concurrent_requests_match_one_at_a_time(lm, prompts):
 
 def test_grok1_pad_masking_model_in_the_engine(tmp_path):
     lm1 = grokstack.load(make_tiny("grok-1", tmp_path / "g1"))
-    engine = Engine(lm1, max_batch=4, max_model_len=128, prefill_chunk=8).start()
+    engine = Engine(lm1, max_batch=4, max_model_len=128, prefill_chunk=32).start()  # prompts prefill together
     try:
         prompts = [[5, 0, 9, 33, 47, 12, 7], [100, 7, 7, 0, 0, 8, 9, 10, 11, 12, 13, 14], [3]]
         for p, (ids, _) in zip(prompts, run_all(engine, prompts, GREEDY), strict=True):
@@ -148,3 +148,29 @@ def test_limits(lm, prompts):
     engine.shutdown(0)
     with pytest.raises(OverloadedError, match="shutting down"):
         engine.submit(prompts[0], GREEDY, lambda ev: None)
+
+
+def test_short_prompts_prefill_together(lm, prompts):
+    engine = Engine(lm, max_batch=4, max_model_len=256, prefill_chunk=64)
+    first_step, events = {}, {0: [], 1: [], 4: []}
+
+    def emitter(i):
+        def emit(ev):
+            first_step.setdefault(i, engine._steps)
+            events[i].append(ev)
+        return emit
+
+    for i in events:  # short prompts, queued before the engine starts
+        engine.submit(prompts[i], GREEDY, emitter(i))
+    engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not all(evs and evs[-1].finish_reason for evs in events.values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert len(set(first_step.values())) == 1  # one prefill step gave all three their first token
+        for i, evs in events.items():  # padded together, each still decodes exactly as it does alone
+            ids = [e.token_id for e in evs if not e.stop_token]
+            assert ids == lm.generate(prompts[i], max_tokens=12, temperature=0).token_ids
+    finally:
+        engine.shutdown(1)

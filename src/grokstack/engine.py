@@ -321,21 +321,44 @@ class Engine:
             self._running.append(_Running(req, choices))
 
     def _prefill_chunk(self) -> None:
-        """One chunk of the oldest request still in prefill; at its end the first tokens are sampled."""
-        run = next((r for r in self._running if r.in_prefill and not r.request.cancelled), None)
-        if run is None:
+        """One prefill step: the next chunk of the oldest prompts still in prefill, several prompts in one
+        batch while they fit `prefill_chunk` padded tokens. A prompt that ends here gets its first tokens."""
+        batch: list[_Running] = []
+        width = 0
+        for run in self._running:
+            if not run.in_prefill or run.request.cancelled:
+                continue
+            t = min(len(run.request.prompt) - run.prefilled, self.prefill_chunk)
+            if batch and (len(batch) + 1) * max(width, t) > self.prefill_chunk:
+                break
+            batch.append(run)
+            width = max(width, t)
+        if not batch:
             return
+        pad = self.model.cfg.pad_token_id
+        tokens = torch.full((len(batch), width), pad, dtype=torch.long)
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
+        spans = []
+        for b, run in enumerate(batch):
+            t0 = run.prefilled
+            t1 = min(len(run.request.prompt), t0 + width)
+            tokens[b, : t1 - t0] = torch.tensor(run.request.prompt[t0:t1])
+            # pads run on past the chunk: those positions are rewritten before anything reads them
+            positions[b] = torch.arange(t0, t0 + width).clamp(max=self.max_model_len - 1)
+            spans.append((t0, t1))
+        self.cache.window(torch.tensor([run.choices[0].slot for run in batch]))
+        h = self.model.hidden(tokens.to(self.device), positions.to(self.device), self.cache)  # [B, width, D]
+        for b, (run, (t0, t1)) in enumerate(zip(batch, spans, strict=True)):
+            run.prefilled = t1
+            self._after_prefill_chunk(run, h[b, : t1 - t0], t0)
+
+    def _after_prefill_chunk(self, run: _Running, h: torch.Tensor, t0: int) -> None:
+        """Prompt logprobs of a chunk's positions [t, D]; at the prompt's end, the first token of each choice."""
         prompt, first = run.request.prompt, run.choices[0]
-        t0, t1 = run.prefilled, min(len(prompt), run.prefilled + self.prefill_chunk)
-        tokens = torch.tensor([prompt[t0:t1]], device=self.device)
-        positions = torch.arange(t0, t1, device=self.device)[None]
-        self.cache.window(slice(first.slot, first.slot + 1))
-        h = self.model.hidden(tokens, positions, self.cache)  # [1, t, D]
-        run.prefilled = t1
         k = run.request.prompt_logprobs
         if k is not None:  # position i predicts prompt token i + 1
-            chunk_logits = self.model.logits(h[0]).float().cpu()  # [t, V]
-            for i, pos in enumerate(range(t0, min(t1, len(prompt) - 1))):
+            chunk_logits = self.model.logits(h).float().cpu()  # [t, V]
+            for i, pos in enumerate(range(t0, min(run.prefilled, len(prompt) - 1))):
                 chosen, alts = top_logprobs(chunk_logits[i], prompt[pos + 1], k)
                 run.prompt_lps.append(TokenLogprob(prompt[pos + 1], chosen, alts))
         if run.in_prefill:
@@ -347,7 +370,7 @@ class Engine:
                 c.seq.done = True
                 self._emit(c, Event(c.index, -1, "", None, "length", stop_token=True))  # -1: no token
             return
-        logits = self.model.logits(h[:, -1]).float().cpu()[0]  # [V]
+        logits = self.model.logits(h[-1]).float().cpu()  # [V]
         for c in run.choices:
             if c is not first:  # the other choices share the prompt's keys and values
                 self.cache.copy_row(first.slot, c.slot, len(prompt))

@@ -37,11 +37,12 @@ class KVCache:
         self._row_ids = torch.arange(batch_size, device=device)[:, None]  # [B, 1]
         self._positions: torch.Tensor | None = None
 
-    def window(self, rows: slice | None = None, read_len: int | None = None) -> None:
+    def window(self, rows: slice | torch.Tensor | None = None, read_len: int | None = None) -> None:
         """Make the next steps touch only `rows` (all by default) and read only keys 0..read_len-1
         (by default up to the step's last position). Rows of the window that only idle write at
-        positions nobody reads before they are overwritten; their outputs are thrown away."""
-        self._rows = rows or slice(0, self.batch_size)
+        positions nobody reads before they are overwritten; their outputs are thrown away. A slice
+        reads the cache in place; a tensor of row ids gathers (a copy, for scattered prefill rows)."""
+        self._rows = rows if rows is not None else slice(0, self.batch_size)
         self._read_len = read_len
 
     def begin(self, positions: torch.Tensor, key_valid: torch.Tensor | None) -> None:
