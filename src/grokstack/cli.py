@@ -87,6 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=env("GROKSTACK_STATE_DIR", ".grokstack"),
                    help="where deferred completions are kept")
     p.add_argument("--grace", type=float, default=10.0, help="seconds running requests get at shutdown")
+    _add_data_dir(p)
+    p.add_argument("--search-results", action="store_true",
+                   help="add the search_results list (title, url, date, snippet) to every searched answer")
+
+    p = sub.add_parser("search", help="search the live-search index (what chat requests with search_parameters see)")
+    _add_data_dir(p)
+    p.add_argument("query")
+    p.add_argument("--source", action="append", choices=["web", "news", "x", "rss"], help="source type (repeatable)")
+    p.add_argument("--from-date", help="YYYY-MM-DD, inclusive (UTC)")
+    p.add_argument("--to-date", help="YYYY-MM-DD, inclusive (UTC)")
+    p.add_argument("--handle", action="append", default=[], help="only posts by this X handle (repeatable)")
+    p.add_argument("--exclude-handle", action="append", default=[], help="no posts by this X handle (repeatable)")
+    p.add_argument("--website", action="append", default=[], help="only this website (repeatable)")
+    p.add_argument("--exclude-website", action="append", default=[], help="not this website (repeatable)")
+    p.add_argument("--min-favorites", type=int, help="X posts with at least this many likes")
+    p.add_argument("--min-views", type=int, help="X posts with at least this many views")
+    p.add_argument("--feed", help="only items of this RSS/Atom feed URL")
+    p.add_argument("--max-results", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print a JSON list")
 
     p = sub.add_parser("convert", help="write any checkpoint as a Grok-2-layout safetensors folder")
     p.add_argument("src")
@@ -102,6 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     return parser
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "grokstack"
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=os.environ.get("GROKSTACK_DATA_DIR") or str(default_data_dir()),
+                   help="live-search data shared by serve, ingest and search (env GROKSTACK_DATA_DIR)")
+
+
+def _open_index(args):
+    from .search import Index
+
+    folder = Path(args.data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return Index(folder / "index.sqlite")
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
@@ -252,11 +289,48 @@ def cmd_serve(args) -> int:
                     prefill_chunk=args.prefill_chunk)
     model_id = args.served_model_name or model_id_for(lm, args.model)
     aliases = [a for a in [*args.alias, "default" if args.model == "default" else None] if a and a != model_id]
+    Path(args.data_dir).mkdir(parents=True, exist_ok=True)
     settings = Settings(
         model_id=model_id, aliases=aliases, api_keys=args.api_key, keys_file=args.api_keys_file, rpm=args.rpm,
-        tpm=args.tpm, error_style=args.error_style, state_dir=Path(args.state_dir),
+        tpm=args.tpm, error_style=args.error_style, state_dir=Path(args.state_dir), data_dir=Path(args.data_dir),
+        search_results=args.search_results,
     )
     serve(lm, engine, settings, args.host, args.port, args.grace)
+    return 0
+
+
+def cmd_search(args) -> int:
+    import json
+    from datetime import UTC, datetime
+
+    from .search import Filters
+
+    if args.max_results < 1:
+        raise InvalidArgumentError("--max-results must be >= 1")
+    filters = Filters(
+        from_date=args.from_date, to_date=args.to_date, sources=args.source, included_x_handles=args.handle,
+        excluded_x_handles=args.exclude_handle, allowed_websites=args.website,
+        excluded_websites=args.exclude_website, min_favorites=args.min_favorites, min_views=args.min_views,
+        feed_url=args.feed,
+    )
+    with _open_index(args) as index:
+        hits = index.search(args.query, filters, limit=args.max_results)
+    rows = []
+    for h in hits:
+        d = h.document
+        when = datetime.fromtimestamp(d.published_at, tz=UTC).isoformat().replace("+00:00", "Z")
+        rows.append({"id": d.id, "url": d.url, "title": d.title or d.text[:80], "published_at": when,
+                     "source": d.source, "author": d.author, "score": round(h.score, 6)})
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=1))
+        return 0
+    if not rows:
+        print("no results")
+    for n, r in enumerate(rows, 1):
+        who = f"@{r['author']}" if r["source"] == "x" and r["author"] else r["source"]
+        print(f"{n:3d}. {r['published_at'][:16]}  {r['score']:.4f}  [{who}] {r['title']}")
+        if r["url"]:
+            print(f"       {r['url']}")
     return 0
 
 
@@ -303,6 +377,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "serve": cmd_serve,
+    "search": cmd_search,
     "convert": cmd_convert,
     "make-tiny": cmd_make_tiny,
 }

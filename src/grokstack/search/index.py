@@ -508,6 +508,12 @@ class Index:
             ).fetchone()
         return _document(row) if row else None
 
+    def has_feed(self, feed_url: str) -> bool:
+        """Whether any stored item came from this feed (an rss source must name an ingested feed)."""
+        with self._lock:
+            row = self._conn.execute("SELECT 1 FROM docs WHERE feed_url = ? LIMIT 1", (feed_url,)).fetchone()
+        return row is not None
+
     # -- searching -------------------------------------------------------------------------------------
 
     def search(

@@ -28,6 +28,8 @@ from ..errors import GrokstackError, InvalidArgumentError, NotFoundError, Overlo
 from ..generate import Event, TokenLogprob
 from ..lm import LM
 from ..sampling import SamplingParams
+from ..search import live
+from ..search.index import Hit, Index
 from . import errors
 from .auth import Key, Keys
 from .deferred import DeferredStore
@@ -56,6 +58,8 @@ class Settings:
     error_style: str = "openai"
     max_body_bytes: int = 8 << 20
     state_dir: Path = Path(".grokstack")
+    data_dir: Path | None = None  # live-search index (shared with `grokstack ingest` / `search`)
+    search_results: bool = False  # add the Perplexity-like `search_results` list to every searched answer
     license: str | None = None
 
 
@@ -66,6 +70,17 @@ class ChoiceResult:
     tokens: list[TokenLogprob | int] = field(default_factory=list)  # ids, or logprobs when asked for
     finish_reason: str | None = None
     generated: int = 0
+
+
+@dataclass
+class ChatPlan:
+    """A chat request ready for the engine: prompt ids, one SamplingParams per choice, output constraints,
+    and the live-search hits put into the prompt (None when no search ran)."""
+
+    prompt: list[int]
+    params: list[SamplingParams]
+    constraints: list | None
+    hits: list[Hit] | None
 
 
 class Job:
@@ -183,6 +198,7 @@ class Api:
         self.keys = Keys(settings.api_keys, settings.keys_file, settings.rpm, settings.tpm)
         self.metrics = Metrics()
         self.store = DeferredStore(Path(settings.state_dir) / "deferred.sqlite")
+        self.index = Index(Path(settings.data_dir) / "index.sqlite") if settings.data_dir else None
         self.created = _now()
         cfg = lm.config
         knobs = json.dumps(cfg.to_hf_config(), sort_keys=True)
@@ -237,18 +253,37 @@ class Api:
         )
         return [SamplingParams(**base) for _ in range(body.n)]
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+    def chat_messages(self, body: ChatCompletionRequest) -> list[dict]:
         if body.tools and body.tool_choice != "none":
             raise InvalidArgumentError("tools are not supported by this server yet; send the request without tools")
-        if body.search_parameters is not None and body.search_parameters.mode == "on":
-            raise InvalidArgumentError("live search is not enabled on this server (search_parameters.mode 'on')")
         messages = []
         for m in body.messages:
             if m.role in ("tool", "function"):
                 raise InvalidArgumentError(f"messages with role '{m.role}' need tool support, which this server lacks")
             role = "system" if m.role == "developer" else m.role
             messages.append({"role": role, "content": _message_text(m)})
-        return self.tok.chat_ids(messages)
+        return messages
+
+    def search_for(self, body: ChatCompletionRequest, messages: list[dict]) -> tuple[list[dict], list[Hit] | None]:
+        """Live search (xAI `search_parameters`, or OpenAI's `web_search_options` as mode auto): the messages
+        with a sources block before the last user turn, and the hits injected (None when no search ran)."""
+        params = body.search_parameters
+        if params is None and body.web_search_options is not None:
+            size = body.web_search_options.get("search_context_size", "medium")
+            if size not in live.SEARCH_CONTEXT_SIZES:
+                raise InvalidArgumentError("web_search_options.search_context_size must be low, medium or high")
+            params = {"mode": "auto", "max_search_results": live.SEARCH_CONTEXT_SIZES[size]}
+        plan = live.plan_search(params, self.index)
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        if not live.decide(plan, question):
+            return messages, None
+        if self.index is None:
+            return messages, []  # no data directory: searched, found nothing
+        hits = live.retrieve(self.index, plan, question)
+        budget = int(self.engine.max_model_len * live.CONTEXT_SHARE)
+        hits, text = live.fit_sources(hits, live.new_marker(),
+                                      lambda t: len(self.tok.encode(t, allow_special=False)), budget)
+        return (live.with_sources(messages, text) if hits else messages), hits
 
     def constraints(self, body: ChatCompletionRequest) -> list | None:
         fmt = body.response_format
@@ -298,18 +333,32 @@ class Api:
         }
 
     # ------------------------------------------------------------------ chat
-    def prepare_chat(self, body: ChatCompletionRequest) -> tuple[list[int], list[SamplingParams], list | None]:
-        prompt = self.chat_prompt(body)
+    def prepare_chat(self, body: ChatCompletionRequest) -> ChatPlan:
+        messages, hits = self.search_for(body, self.chat_messages(body))
+        prompt = self.tok.chat_ids(messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = self.sampling(body, len(prompt), max_tokens)
         if body.logprobs:
             params = [p.replace(logprobs=body.top_logprobs or 0) for p in params]
-        return prompt, params, self.constraints(body)
+        return ChatPlan(prompt, params, self.constraints(body), hits)
+
+    def search_fields(self, body: ChatCompletionRequest, plan: ChatPlan, answers: list[str]) -> dict:
+        """`citations` (and the opt-in `search_results`) for a response whose search ran."""
+        if plan.hits is None:
+            return {}
+        out = {}
+        params = body.search_parameters or {}
+        if params.get("return_citations", True):
+            out["citations"] = live.citations(plan.hits, answers)
+        if (body.grokstack_options or {}).get("search_results") or self.settings.search_results:
+            out["search_results"] = live.search_results(plan.hits)
+        return out
 
     async def chat_result(
-        self, body: ChatCompletionRequest, prompt, params, constraints, request, key: Key | None = None
+        self, body: ChatCompletionRequest, plan: ChatPlan, request, key: Key | None = None
     ) -> dict:
-        job = Job(self, prompt, params, constraints, key=key)
+        prompt, params = plan.prompt, plan.params
+        job = Job(self, prompt, params, plan.constraints, key=key)
         self.metrics.prompt_tokens.inc(len(prompt))
         results, _ = await job.collect(request, body.logprobs)
         choices = []
@@ -321,31 +370,35 @@ class Api:
                 "logprobs": self.chat_logprobs(lps, body.top_logprobs or 0) if body.logprobs else None,
                 "finish_reason": r.finish_reason,
             })
+        usage = self.usage(len(prompt), sum(r.generated for r in results))
+        usage["num_sources_used"] = len(plan.hits or [])
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": _now(),
-            "model": body.model, "choices": choices, "system_fingerprint": self.fingerprint,
-            "usage": self.usage(len(prompt), sum(r.generated for r in results)),
+            "model": body.model, "choices": choices, "system_fingerprint": self.fingerprint, "usage": usage,
+            **self.search_fields(body, plan, [r.text for r in results]),
         }
 
     def _stop_set(self, sp: SamplingParams) -> set[int]:
         return set(sp.stop_token_ids) if sp.stop_token_ids is not None else set(self.tok.stop_ids)
 
     async def chat_stream(
-        self, body: ChatCompletionRequest, prompt, params, constraints, request, key: Key | None = None
+        self, body: ChatCompletionRequest, plan: ChatPlan, request, key: Key | None = None
     ) -> AsyncIterator[bytes]:
-        job = Job(self, prompt, params, constraints, key=key)
+        prompt, params = plan.prompt, plan.params
+        job = Job(self, prompt, params, plan.constraints, key=key)
         self.metrics.prompt_tokens.inc(len(prompt))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
         usage_on = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(choices: list, usage: Any = None) -> bytes:
+        def chunk(choices: list, usage: Any = None, extra: dict | None = None) -> bytes:
             out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                    "system_fingerprint": self.fingerprint, "choices": choices}
             if usage_on:
                 out["usage"] = usage
-            return _sse(out)
+            return _sse(out | (extra or {}))
 
         generated = [0] * len(params)
+        texts = [""] * len(params)
         try:
             for i in range(len(params)):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -362,14 +415,20 @@ class Api:
                 lp = None
                 if body.logprobs and ev.logprob is not None and not stop_tok:
                     lp = self.chat_logprobs([ev.logprob], body.top_logprobs or 0)
+                texts[ev.index] += ev.text
                 if ev.text or lp:
                     yield chunk([{"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp,
                                   "finish_reason": None}])
                 if ev.finish_reason:
+                    # citations are known only now; they ride on the last chunk before [DONE] (api.md §5)
+                    last = job.finished == job.n and not usage_on
                     yield chunk([{"index": ev.index, "delta": {}, "logprobs": None,
-                                  "finish_reason": ev.finish_reason}])
+                                  "finish_reason": ev.finish_reason}],
+                                extra=self.search_fields(body, plan, texts) if last else None)
             if usage_on:
-                yield chunk([], self.usage(len(prompt), sum(generated)))
+                usage = self.usage(len(prompt), sum(generated))
+                usage["num_sources_used"] = len(plan.hits or [])
+                yield chunk([], usage, extra=self.search_fields(body, plan, texts))
             yield _sse("[DONE]")
         except GrokstackError as exc:  # mid-stream: one error event, then close (api.md §2)
             kind = errors.KINDS.get(exc.http_status, errors.KINDS[500])
@@ -557,10 +616,10 @@ class Api:
     def spawn_deferred(self, job_id: str, body: ChatCompletionRequest) -> None:
         async def run() -> None:
             try:
-                prompt, params, constraints = self.prepare_chat(body)
+                plan = self.prepare_chat(body)
                 while True:
                     try:
-                        result = await self.chat_result(body, prompt, params, constraints, None)
+                        result = await self.chat_result(body, plan, None)
                         break
                     except OverloadedError:  # the queue is full: a deferred job can wait its turn
                         await asyncio.sleep(1.0)
@@ -690,6 +749,8 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
         for task in list(api.tasks):
             task.cancel()
         api.store.close()
+        if api.index is not None:
+            api.index.close()
 
     app = FastAPI(title="grokstack", version=__version__, lifespan=lifespan)
     app.state.api = api
@@ -704,8 +765,8 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
         api.check_model(body.model)
         if body.deferred and body.stream:
             raise InvalidArgumentError("a deferred completion cannot stream")
-        prompt, params, constraints = api.prepare_chat(body)
-        api.charge(key, len(prompt) + sum(sp.max_tokens for sp in params))
+        plan = api.prepare_chat(body)
+        api.charge(key, len(plan.prompt) + sum(sp.max_tokens for sp in plan.params))
         headers = api.limit_headers(key)
         if body.deferred:
             job_id = api.store.add(body.model_dump(mode="json"))
@@ -713,11 +774,11 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
             return JSONResponse({"request_id": job_id}, headers=headers)
         if body.stream:
             # submit now so queue-full and context errors are a proper status, not a broken stream
-            gen = api.chat_stream(body, prompt, params, constraints, request, key)
+            gen = api.chat_stream(body, plan, request, key)
             first = await anext(gen)
             return StreamingResponse(_prepend(first, gen), media_type="text/event-stream",
                                      headers=headers | {"cache-control": "no-cache"})
-        return JSONResponse(await api.chat_result(body, prompt, params, constraints, request, key), headers=headers)
+        return JSONResponse(await api.chat_result(body, plan, request, key), headers=headers)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

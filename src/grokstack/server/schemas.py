@@ -38,10 +38,6 @@ class ResponseFormat(_Body):
     json_schema: dict[str, Any] | None = None
 
 
-class SearchParameters(_Body):
-    mode: Literal["off", "auto", "on"] = "auto"
-
-
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
@@ -91,7 +87,9 @@ class ChatCompletionRequest(_Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     deferred: bool = False
-    search_parameters: SearchParameters | None = None
+    search_parameters: dict[str, Any] | None = None  # validated by search.live.plan_search (xAI's limits)
+    web_search_options: dict[str, Any] | None = None  # OpenAI's shim: live search in mode auto
+    grokstack_options: dict[str, Any] | None = None  # {"search_results": true} opts into search_results
     reasoning_effort: str | None = None  # accepted, ignored: Grok-1/2 do not reason
 
 
