@@ -137,3 +137,19 @@ def test_hub_ids_resolve_from_the_cache_offline(tmp_path):
         assert "llama (gguf: F32" in r.stdout
     r = run("inspect", "some-org/tiny-llama:other.gguf", HF_HUB_CACHE=str(cache))
     assert r.returncode == 1 and "file other.gguf" in r.stderr
+
+
+def test_search_command(tmp_path):
+    from grokstack.search import Index, make_document
+
+    with Index(tmp_path / "index.sqlite") as index:
+        index.add([make_document({"id": f"d{i}", "source": "news", "url": f"https://n.example/{i}",
+                                  "title": f"Zorblax story {i}", "text": f"Zorblax rocket update number {i}",
+                                  "published_at": f"2026-11-{10 + i:02d}T12:00:00Z"}) for i in range(5)])
+    r = run("search", "zorblax rocket", "--data-dir", str(tmp_path), "--json", "--from-date", "2026-11-12")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert {row["id"] for row in rows} == {"d2", "d3", "d4"}  # the date filter is exact
+    assert set(rows[0]) >= {"id", "url", "title", "published_at", "source", "score"}
+    r = run("search", "zorblax", "--data-dir", str(tmp_path), "--from-date", "2026-13-01")
+    assert r.returncode == 2 and "from_date" in r.stderr and "Traceback" not in r.stderr
