@@ -153,3 +153,24 @@ def test_search_command(tmp_path):
     assert set(rows[0]) >= {"id", "url", "title", "published_at", "source", "score"}
     r = run("search", "zorblax", "--data-dir", str(tmp_path), "--from-date", "2026-13-01")
     assert r.returncode == 2 and "from_date" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ingest_jsonl_then_feeds_and_search(tmp_path):
+    feed = tmp_path / "feed.jsonl"
+    lines = [json.dumps({"id": f"p{i}", "source": "x", "url": f"https://x.com/a/status/{i}", "author": "astro",
+                         "text": f"Quasar sighting report {i}", "published_at": f"2026-11-2{i}T08:00:00Z"})
+             for i in range(3)]
+    feed.write_text("\n".join(lines) + "\nnot json\n")
+    data = tmp_path / "data"
+    r = run("ingest", "--data-dir", str(data), "jsonl", str(feed))
+    assert r.returncode == 0, r.stderr
+    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert counts["added"] == 3 and counts["bad"] == 1
+    again = json.loads(run("ingest", "--data-dir", str(data), "jsonl", str(feed)).stdout.strip().splitlines()[-1])
+    assert again["added"] == 0  # resumed from its checkpoint
+    r = run("feeds", "--data-dir", str(data), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["added"] == 3
+    r = run("search", "quasar", "--data-dir", str(data), "--json", "--handle", "astro")
+    assert {row["id"] for row in json.loads(r.stdout)} == {"x:p0", "x:p1", "x:p2"}
+    r = run("ingest", "--data-dir", str(data), "x")
+    assert r.returncode == 2 and "--query" in r.stderr

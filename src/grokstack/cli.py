@@ -7,6 +7,7 @@ Every user error ends in one line on stderr and a non-zero exit, never a traceba
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -90,6 +91,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("--search-results", action="store_true",
                    help="add the search_results list (title, url, date, snippet) to every searched answer")
+
+    p = sub.add_parser("ingest", help="add live-search documents: a JSONL file, an RSS/Atom feed or X API v2")
+    _add_data_dir(p)
+    kinds = p.add_subparsers(dest="kind", required=True)
+    q = kinds.add_parser("jsonl", help="a JSONL feed file (one document per line), resumable; --follow tails it")
+    q.add_argument("path")
+    q.add_argument("--follow", action="store_true", help="keep reading as the file grows (Ctrl-C stops)")
+    q.add_argument("--interval", type=float, default=1.0, help="seconds between looks when following")
+    q = kinds.add_parser("rss", help="poll an RSS/Atom feed (ETag / Last-Modified); --follow polls forever")
+    q.add_argument("url")
+    q.add_argument("--kind", dest="item_kind", choices=["news", "web", "rss"], default="news",
+                   help="source type of its items")
+    q.add_argument("--follow", action="store_true")
+    q.add_argument("--interval", type=float, default=300.0, help="seconds between polls when following")
+    q = kinds.add_parser("x", help="X API v2 (bearer token in X_BEARER_TOKEN): recent search or the filtered stream")
+    q.add_argument("--query", help="recent-search query (since_id resumes from the last run)")
+    q.add_argument("--stream", action="store_true", help="read the filtered stream (rules set on the X side)")
+    q.add_argument("--base-url", default=os.environ.get("X_API_BASE_URL", "https://api.x.com"))
+    q.add_argument("--follow", action="store_true", help="with --query: poll again every --interval seconds")
+    q.add_argument("--interval", type=float, default=60.0)
+
+    p = sub.add_parser("feeds", help="status of each ingested feed: last item, lag, errors")
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("search", help="search the live-search index (what chat requests with search_parameters see)")
     _add_data_dir(p)
@@ -299,8 +324,62 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_ingest(args) -> int:
+    """One pass over the source (or, with --follow, keep going); each pass prints its counts as JSON."""
+    import time
+
+    from .search.feeds import poll_feed
+    from .search.ingest import ingest_jsonl
+    from .search.xapi import poll_x_recent, stream_x
+
+    if args.interval <= 0:
+        raise InvalidArgumentError("--interval must be > 0")
+    if args.kind == "jsonl" and not Path(args.path).is_file():
+        raise InvalidArgumentError(f"no such file: {args.path}")
+    if args.kind == "x" and not (args.query or args.stream):
+        raise InvalidArgumentError("ingest x needs --query QUERY (recent search) or --stream")
+    with _open_index(args) as index:
+        if args.kind == "jsonl":  # follows by itself
+            run_once, repeat = lambda: ingest_jsonl(index, args.path, follow=args.follow,
+                                                    poll_interval=args.interval), False
+        elif args.kind == "rss":
+            run_once, repeat = lambda: poll_feed(index, args.url, kind=args.item_kind), args.follow
+        elif args.stream:  # reconnects by itself
+            run_once, repeat = lambda: stream_x(index, base_url=args.base_url), False
+        else:
+            run_once, repeat = lambda: poll_x_recent(index, args.query, base_url=args.base_url), args.follow
+        while True:
+            counts = run_once()
+            print(json.dumps(counts.to_dict()), flush=True)
+            if counts.error and not repeat:
+                raise GrokstackError(f"{args.kind} ingest failed: {counts.error}")
+            if not repeat:
+                return 0
+            time.sleep(args.interval)
+
+
+def cmd_feeds(args) -> int:
+    from datetime import UTC, datetime
+
+    from .search.ingest import feed_status
+
+    folder = Path(args.data_dir)
+    rows = feed_status(folder / "index.sqlite") if (folder / "index.sqlite").is_file() else []
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+        return 0
+    if not rows:
+        print(f"no feeds ingested yet in {folder}")
+    for r in rows:
+        last = r.get("last_item")
+        when = datetime.fromtimestamp(last, tz=UTC).strftime("%Y-%m-%d %H:%MZ") if last else "never"
+        lag = f"{r['lag'] / 60:.0f} min" if r.get("lag") is not None else "-"
+        err = f"  error: {r['last_error']}" if r.get("last_error") else ""
+        print(f"{r['kind']:6s} {r['feed']}  last item {when}, lag {lag}, {r.get('added', 0)} added{err}")
+    return 0
+
+
 def cmd_search(args) -> int:
-    import json
     from datetime import UTC, datetime
 
     from .search import Filters
@@ -378,6 +457,8 @@ COMMANDS = {
     "chat": cmd_chat,
     "serve": cmd_serve,
     "search": cmd_search,
+    "ingest": cmd_ingest,
+    "feeds": cmd_feeds,
     "convert": cmd_convert,
     "make-tiny": cmd_make_tiny,
 }
