@@ -584,21 +584,35 @@ class Index:
         rowids, matrix = self._vectors()
         if len(rowids) == 0:
             return []
-        allowed = np.fromiter(
-            (r[0] for r in self._conn.execute(f"SELECT d.rowid FROM docs AS d WHERE {where}", params)),
-            dtype=np.int64,
-        )
-        mask = np.isin(rowids, allowed, assume_unique=True)
-        cand_ids, cand = rowids[mask], matrix[mask]
-        if len(cand_ids) == 0:
-            return []
-        sims = cand @ qvec
+        sims = matrix @ qvec
         # Only documents with some similarity enter the list; zero-overlap ones would be noise in RRF.
         keep = np.flatnonzero(sims > 1e-6)
-        if len(keep) > TOP_N:
-            keep = keep[np.argpartition(-sims[keep], TOP_N - 1)[:TOP_N]]
-        order = keep[np.lexsort((cand_ids[keep], -sims[keep]))]
-        return [int(r) for r in cand_ids[order]]
+        ranked = rowids[keep[np.lexsort((rowids[keep], -sims[keep]))]]
+        # Walk down the similarity ranking and ask SQL which candidates pass the filters, a widening slice
+        # at a time: exact, and it avoids listing every allowed row in Python for each query.
+        out: list[int] = []
+        start, width = 0, 4 * TOP_N
+        while len(out) < TOP_N and start < len(ranked):
+            if start >= 20 * TOP_N:  # a narrow filter: one pass over the rows it allows is cheaper
+                rows = self._conn.execute(f"SELECT d.rowid FROM docs AS d WHERE {where}", params)
+                rest = ranked[start:]
+                rest = rest[np.isin(rest, np.fromiter((r[0] for r in rows), dtype=np.int64))]
+                out += rest[: TOP_N - len(out)].tolist()
+                break
+            chunk = [int(r) for r in ranked[start : start + width]]
+            allowed = self._allowed(chunk, where, params)
+            out += [r for r in chunk if r in allowed]
+            start, width = start + width, width * 4
+        return out[:TOP_N]
+
+    def _allowed(self, rowids: list[int], where: str, params: list[Any]) -> set[int]:
+        """The given rows that pass the filters (SQLite caps bound parameters, so ask in slices)."""
+        found: set[int] = set()
+        for i in range(0, len(rowids), 900):
+            part = rowids[i : i + 900]
+            sql = f"SELECT d.rowid FROM docs AS d WHERE d.rowid IN ({_marks(part)}) AND ({where})"
+            found.update(r[0] for r in self._conn.execute(sql, [*part, *params]))
+        return found
 
     def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All stored vectors, cached until this or another connection changes the file."""
