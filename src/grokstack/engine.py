@@ -228,8 +228,7 @@ class Engine:
             time.sleep(0.02)
         with self._cv:
             for req in [r.request for r in self._running] + list(self._waiting):
-                req.cancelled = True
-                req.emit(OverloadedError("the server shut down before this request finished", retry_after=5))
+                self._fail(req, OverloadedError("the server shut down before this request finished", retry_after=5))
             self._stop = True
             self._cv.notify()
         if self._thread is not None:

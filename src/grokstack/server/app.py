@@ -109,7 +109,8 @@ class Job:
             self.key = None
 
     def _emit(self, ev) -> None:  # engine thread: only stamp and enqueue
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (time.monotonic(), ev))
+        with contextlib.suppress(RuntimeError):  # the loop is gone (server stopped): nobody to tell
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (time.monotonic(), ev))
 
     async def events(self, request: Request | None = None) -> AsyncIterator[Event | PromptLogprobs | None]:
         """Engine events until every choice finished; None now and then while waiting (for keep-alives)."""
@@ -773,11 +774,7 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
             api.spawn_deferred(job_id, body)
             return JSONResponse({"request_id": job_id}, headers=headers)
         if body.stream:
-            # submit now so queue-full and context errors are a proper status, not a broken stream
-            gen = api.chat_stream(body, plan, request, key)
-            first = await anext(gen)
-            return StreamingResponse(_prepend(first, gen), media_type="text/event-stream",
-                                     headers=headers | {"cache-control": "no-cache"})
+            return await _sse_response(api.chat_stream(body, plan, request, key), headers)
         return JSONResponse(await api.chat_result(body, plan, request, key), headers=headers)
 
     @app.post("/v1/completions")
@@ -789,10 +786,7 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
         api.charge(key, sum(len(p) + body.n * body.max_tokens for p in prompts))
         headers = api.limit_headers(key)
         if body.stream:
-            gen = api.completion_stream(body, prompts, request, key)
-            first = await anext(gen)
-            return StreamingResponse(_prepend(first, gen), media_type="text/event-stream",
-                                     headers=headers | {"cache-control": "no-cache"})
+            return await _sse_response(api.completion_stream(body, prompts, request, key), headers)
         return JSONResponse(await api.completion_result(body, prompts, request, key), headers=headers)
 
     @app.get("/v1/chat/deferred-completion/{request_id}")
@@ -873,7 +867,14 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
     return app
 
 
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield first
-    async for item in rest:
-        yield item
+async def _sse_response(gen: AsyncIterator[bytes], headers: dict[str, str]) -> StreamingResponse:
+    """Run the stream up to its first chunk before answering, so that a refused submission (queue full,
+    context too long) is a proper HTTP status rather than a broken stream."""
+    first = await anext(gen)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield first
+        async for item in gen:
+            yield item
+
+    return StreamingResponse(chunks(), media_type="text/event-stream", headers=headers | {"cache-control": "no-cache"})
