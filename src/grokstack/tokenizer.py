@@ -233,7 +233,7 @@ class BPETokenizer(Tokenizer):
         self.plain.encode_special_tokens = True  # special texts stay text
         self._bytes = token_bytes
         self.special_ids = dict(specials)
-        self._special_set = set(specials.values())
+        self._special_text = {i: text for text, i in specials.items()}
         self.vocab_size = len(token_bytes)
         self.eos_id = eos_id
         self.stop_ids = frozenset(stop_ids)
@@ -254,12 +254,12 @@ class BPETokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        id_to_special = {i: s for s, i in self.special_ids.items()}
-        out = b"".join(id_to_special[i].encode() if i in id_to_special else self.token_bytes(i) for i in ids)
+        out = b"".join(self._special_text[i].encode() if i in self._special_text else self.token_bytes(i)
+                       for i in ids)
         return out.decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
-        if token_id in self._special_set or not 0 <= token_id < len(self._bytes):
+        if token_id in self._special_text or not 0 <= token_id < len(self._bytes):
             return b""
         return self._bytes[token_id]
 
@@ -290,9 +290,8 @@ class BPETokenizer(Tokenizer):
     def _text_of(self, token_id: int | None) -> str:
         if token_id is None:
             return ""
-        for text, i in self.special_ids.items():
-            if i == token_id:
-                return text
+        if token_id in self._special_text:
+            return self._special_text[token_id]
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
 

@@ -473,8 +473,8 @@ class Api:
         """OpenAI's legacy logprobs: token strings, their logprobs, top-k dicts and character offsets.
         `first_ids` are the tokens whose entries are None (the first prompt token)."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for tid, e in zip(first_ids, [None] * len(first_ids), strict=True):
-            self._add_logprob(out, tid, e, k, offset)
+        for tid in first_ids:
+            self._add_logprob(out, tid, None, k, offset)
             offset += len(out["tokens"][-1])
         for e in entries:
             if e is None:
