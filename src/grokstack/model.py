@@ -171,7 +171,11 @@ class Attention(nn.Module):
 
 # ------------------------------------------------------------------------------- MoE and MLP
 class Experts(nn.Module):
-    """All experts' weights stacked: w1 = gate, w3 = up [E, F, D]; w2 = down [E, D, F]."""
+    """All experts' weights stacked: w1 = gate, w3 = up [E, F, D]; w2 = down [E, D, F].
+
+    A rank under expert parallelism holds experts `first .. first + E_local - 1` only; quantized
+    stacks (`quant.py`) subclass this and override `project`.
+    """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -179,6 +183,15 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(e, f, d, dtype=dtype))
         self.w2 = nn.Parameter(torch.empty(e, d, f, dtype=dtype))
         self.w3 = nn.Parameter(torch.empty(e, f, d, dtype=dtype))
+        self.first = 0
+
+    @property
+    def count(self) -> int:
+        return self.w1.shape[0]
+
+    def project(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] @ W[e].T for stack `name` (w1, w2 or w3) and local expert index e -> [n, out]."""
+        return x @ getattr(self, name)[e].T
 
 
 class MoE(nn.Module):
@@ -218,10 +231,14 @@ class MoE(nn.Module):
         out = torch.zeros_like(x)
         w = self.experts
         for e in torch.unique(ids).tolist():
+            local = e - w.first
+            if not 0 <= local < w.count:  # another rank's expert (expert parallelism)
+                continue
             rows, slot = torch.nonzero(ids == e, as_tuple=True)
             h = x[rows]
-            a = (activation((h @ w.w1[e].T).float(), self.cfg) * (h @ w.w3[e].T).float()).to(x.dtype)
-            y = a @ w.w2[e].T  # [n, D]
+            g, u = w.project("w1", local, h), w.project("w3", local, h)
+            a = (activation(g.float(), self.cfg) * u.float()).to(x.dtype)
+            y = w.project("w2", local, a)  # [n, D]
             out.index_add_(0, rows, (y.float() * weights[rows, slot, None]).to(x.dtype))
         return out.view(shape)
 
