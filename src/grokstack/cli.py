@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import GrokstackError, InvalidArgumentError
+from .notices import banner, notice_for
 
 GIB = 1 << 30
 
@@ -213,11 +214,12 @@ def cmd_inspect(args) -> int:
     from .loading.hub import resolve
 
     presets = {"grok-1": grok1_preset, "grok-2": grok2_preset}
+    path = None
     if args.path in presets and not Path(args.path).exists():
         cfg, fmt = presets[args.path](), "preset"
     else:
         ckpt = inspect_checkpoint(resolve(args.path), Path(args.config) if args.config else None)
-        cfg, fmt = ckpt.config, ckpt.format
+        cfg, fmt, path = ckpt.config, ckpt.format, ckpt.path
         if ckpt.gguf is not None:
             kinds = Counter(t.tensor_type.name for t in ckpt.gguf.tensors.values())
             fmt = "gguf: " + ", ".join(f"{n} x{c}" for n, c in kinds.most_common())
@@ -238,6 +240,8 @@ def cmd_inspect(args) -> int:
         f"gelu {cfg.gelu}"
     )
     print(f"  parameters: total {counts['total'] / 1e9:.2f}B, active per token {counts['active'] / 1e9:.2f}B")
+    notice = notice_for(cfg, path)
+    print(f"  licence: {notice.license or 'not stated'}" + (f"; {notice.attribution}" if notice.attribution else ""))
     print("  weight bytes:")
     for name, nbytes in (("fp32", 4), ("bf16", 2), ("int8", 1), ("int4", 0.5)):
         print(f"    {name:5s} {counts['total'] * nbytes / GIB:10.2f} GiB")
@@ -252,6 +256,8 @@ def cmd_inspect(args) -> int:
 
 def cmd_generate(args) -> int:
     lm = _load(args)
+    if lm.notice.attribution:  # stderr, so piped output stays the model's text only
+        print(banner(lm.notice), file=sys.stderr)
     ids = lm.chat_ids([{"role": "user", "content": args.prompt}]) if args.chat else lm.encode(args.prompt)
     _print_stream(lm.stream(ids, **_sampling(args, 0.0)))
     return 0
@@ -264,6 +270,8 @@ def cmd_chat(args) -> int:
     history: list[dict] = []
     sampling = _sampling(args, 0.7)
     print(f"grokstack chat with {lm.path.name} ({lm.config.arch}). /reset, /system TEXT, /exit; Ctrl-C stops a reply.")
+    if lm.notice.lines:
+        print(banner(lm.notice))
     while True:
         try:
             line = input("> ")
@@ -435,6 +443,8 @@ def cmd_convert(args) -> int:
     tok = find_tokenizer_file(Path(args.src))
     if tok:
         shutil.copyfile(tok, out / tok.name)
+    for lic in lm.notice.files:  # the licence travels with converted (and quantized) weights
+        shutil.copyfile(lic, out / lic.name)
     print(f"wrote {len(files)} safetensors files, config.json{' and ' + tok.name if tok else ''} to {out}")
     if lm.path.suffix == ".gguf":
         print("note: a GGUF's tokenizer and chat template live in its metadata and are not written out")

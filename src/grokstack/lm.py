@@ -16,6 +16,7 @@ from .generate import Completion, Event, generate_batch, stream_batch
 from .loading import Checkpoint, inspect_checkpoint, load_weights
 from .loading.hub import resolve
 from .model import Transformer
+from .notices import Notice, notice_for
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
 
@@ -37,10 +38,13 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 class LM:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, path: Path | None = None) -> None:
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer | None, path: Path | None = None, license: str | None = None
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.path = path
+        self.notice: Notice = notice_for(model.cfg, path, license)
 
     @property
     def config(self) -> ModelConfig:
@@ -111,7 +115,8 @@ def load(
     tokenizer = _tokenizer_for(ckpt)
     if tokenizer is None:
         log.warning("no tokenizer found for %s; generation needs token ids", path)
-    return LM(weights, tokenizer, ckpt.path)
+    license = ckpt.gguf.metadata.get("general.license") if ckpt.gguf is not None else None
+    return LM(weights, tokenizer, ckpt.path, str(license) if license else None)
 
 
 def _tokenizer_for(ckpt: Checkpoint) -> Tokenizer | None:

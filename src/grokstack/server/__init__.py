@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from ..lm import LM
+from ..notices import banner
 from .app import Settings, create_app
 
 log = logging.getLogger("grokstack.server")
@@ -39,4 +40,6 @@ def serve(lm: LM, engine, settings: Settings, host: str, port: int, grace: float
         log.warning("serving on %s without an API key: anyone who can reach it can use it (set --api-key)", host)
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
     print(f"grokstack serving '{settings.model_id}' on http://{host}:{port}/v1", flush=True)
+    if lm.notice.lines:
+        print(banner(lm.notice), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace)

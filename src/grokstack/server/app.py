@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import html
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from .. import __version__
 from ..engine import Engine, PromptLogprobs
@@ -60,7 +61,6 @@ class Settings:
     state_dir: Path = Path(".grokstack")
     data_dir: Path | None = None  # live-search index (shared with `grokstack ingest` / `search`)
     search_results: bool = False  # add the Perplexity-like `search_results` list to every searched answer
-    license: str | None = None
 
 
 # ----------------------------------------------------------------------------- engine <-> event loop
@@ -641,11 +641,7 @@ class Api:
     # ------------------------------------------------------------------ listings
     def model_card(self) -> dict:
         card = {"id": self.settings.model_id, "object": "model", "created": self.created, "owned_by": "xai"}
-        if self.lm.config.arch == "grok-2":
-            card["license"] = self.settings.license or "xAI Community License"
-            card["attribution"] = "Powered by xAI"
-        elif self.settings.license:
-            card["license"] = self.settings.license
+        card.update({k: v for k, v in self.lm.notice.to_dict().items() if v})
         return card
 
     def language_model(self) -> dict:
@@ -864,7 +860,23 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
     async def metrics():
         return Response(api.metrics.render(engine, api.store), media_type="text/plain; version=0.0.4")
 
+    @app.get("/")
+    async def root():
+        return HTMLResponse(root_page(settings.model_id, api.lm.notice))
+
     return app
+
+
+def root_page(model_id: str, notice) -> str:
+    """A plain page saying what is served, under which licence, and where the API is."""
+    lines = "".join(f"<p>{html.escape(line)}</p>" for line in notice.lines)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>grokstack</title></head><body>"
+        f"<h1>grokstack serving {html.escape(model_id)}</h1>{lines}"
+        "<p>API: <code>/v1/chat/completions</code>, <code>/v1/completions</code>, <code>/v1/models</code>, "
+        "<code>/v1/moderations</code>; health at <code>/health</code>.</p>"
+        f"<footer>grokstack {__version__}</footer></body></html>"
+    )
 
 
 async def _sse_response(gen: AsyncIterator[bytes], headers: dict[str, str]) -> StreamingResponse:
