@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import InvalidArgumentError
+from ..guard.injection import injection_score
 
 SOURCES = ("x", "news", "web", "rss")
 
@@ -291,19 +292,20 @@ def make_document(raw: Mapping[str, Any], *, now: float | None = None) -> Docume
             doc_id = hashlib.sha1(content_hash(text).encode("ascii")).hexdigest()
 
     ingested = raw.get("ingested_at")
+    title = _text_field(raw, "title")
     return Document(
         id=doc_id,
         source=source,
         text=text,
         published_at=published_at,
         url=url,
-        title=_text_field(raw, "title"),
+        title=title,
         author=author,
         feed_url=_text_field(raw, "feed_url", "feed"),
         lang=_text_field(raw, "lang").lower(),
         country=_text_field(raw, "country").upper(),
         nsfw=bool(raw.get("nsfw", False)),
-        injection_flag=bool(raw.get("injection_flag", False)),
+        injection_flag=bool(raw.get("injection_flag", False)) or injection_score(f"{title}\n{text}").flagged,
         is_retweet=is_retweet,
         ingested_at=parse_time(ingested, "ingested_at") if ingested is not None else (now or time.time()),
         **counts,

@@ -26,6 +26,7 @@ import feedparser
 import httpx
 
 from ..errors import InvalidArgumentError
+from ..guard.injection import injection_score
 from .documents import SOURCES, Document, make_document
 from .index import Index
 from .ingest import Checkpoints, Clock, IngestCounts, _Delta, add_batch
@@ -89,11 +90,11 @@ def _entry_time(entry: Mapping[str, Any]) -> float | None:
     return None
 
 
-def _entry_body(entry: Mapping[str, Any]) -> str:
+def _entry_html(entry: Mapping[str, Any]) -> str:
     content = entry.get("content") or []
     if content and content[0].get("value"):
-        return html_to_text(content[0]["value"])
-    return html_to_text(entry.get("summary", "") or "")
+        return content[0]["value"]
+    return entry.get("summary", "") or ""
 
 
 def entry_document(entry: Mapping[str, Any], feed: str, kind: str, lang: str, now: float) -> Document:
@@ -103,7 +104,8 @@ def entry_document(entry: Mapping[str, Any], feed: str, kind: str, lang: str, no
     within its feed); else the link (the index then keys it by canonical URL); else title + date.
     """
     title = html_to_text(entry.get("title", "") or "")
-    text = _entry_body(entry) or title
+    body = _entry_html(entry)
+    text = html_to_text(body) or title
     link = (entry.get("link") or "").strip()
     published = _entry_time(entry)
     if published is None:
@@ -125,6 +127,9 @@ def entry_document(entry: Mapping[str, Any], feed: str, kind: str, lang: str, no
         "published_at": published if published is not None else now,
         "feed_url": feed,
         "lang": lang,
+        # hidden HTML text (display:none, zero-size, same colour) is where injected instructions hide
+        # (the visible text is checked in make_document, like every other source's)
+        "injection_flag": injection_score("", html=body).flagged,
     }
     return make_document(raw, now=now)
 

@@ -126,15 +126,23 @@ def decide(plan: SearchPlan | None, question: str, now: float | None = None) -> 
     return bool(is_temporal(question, now) or _HANDLE_OR_URL.search(question) or _TOPICAL.search(lowered))
 
 
+INJECTION_PENALTY = 0.5  # a document flagged for prompt injection at ingest keeps half its fused score
+
+
 def retrieve(index: Index, plan: SearchPlan, query: str, now: float | None = None) -> list[Hit]:
-    """Each source type searched with its own options, merged by score, one hit per document."""
+    """Each source type searched with its own options, merged by score, one hit per document; documents
+    flagged for prompt injection are down-ranked (never silently dropped: the caller logs them)."""
     hits: dict[str, Hit] = {}
     for _, filters in plan.sources:
         for hit in index.search(query, filters, limit=plan.max_results, now=now):
             best = hits.get(hit.document.id)
             if best is None or hit.score > best.score:
                 hits[hit.document.id] = hit
-    return sorted(hits.values(), key=lambda h: -h.score)[: plan.max_results]
+
+    def rank(h: Hit) -> float:
+        return h.score * (INJECTION_PENALTY if h.document.injection_flag else 1.0)
+
+    return sorted(hits.values(), key=lambda h: -rank(h))[: plan.max_results]
 
 
 def _label(hit: Hit) -> str:

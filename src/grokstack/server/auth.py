@@ -1,8 +1,9 @@
 """API keys and per-key rate limits (token buckets for requests/min and tokens/min, api.md §2).
 
 Keys come from `--api-key` and a keys file (`GROKSTACK_API_KEYS`): one key per line, optionally followed by
-`name=... rpm=N tpm=N`; `#` starts a comment. With no key configured the server is open (and should stay
-on loopback). Tokens are reserved at admission (prompt + max_tokens) and unused ones refunded at the end.
+`name=... rpm=N tpm=N profile=P` (P: the guard profile for that key's requests); `#` starts a comment. With
+no key configured the server is open (and should stay on loopback). Tokens are reserved at admission
+(prompt + max_tokens) and unused ones refunded at the end.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Key:
     name: str
     requests: Bucket
     tokens: Bucket
+    profile: str | None = None  # guard profile for this key; None = the server's
 
 
 class Keys:
@@ -104,14 +106,17 @@ def _read_keys_file(path: Path, rpm: int, tpm: int) -> list[Key]:
         words = line.split("#", 1)[0].split()
         if not words:
             continue
-        opts = {"name": f"{path.name}:{n}", "rpm": rpm, "tpm": tpm}
+        opts = {"name": f"{path.name}:{n}", "rpm": rpm, "tpm": tpm, "profile": None}
         for word in words[1:]:
             k, sep, v = word.partition("=")
             if not sep or k not in opts:
-                raise ConfigError(f"{path}:{n}: expected KEY [name=NAME] [rpm=N] [tpm=N], got {word!r}")
+                raise ConfigError(
+                    f"{path}:{n}: expected KEY [name=NAME] [rpm=N] [tpm=N] [profile=P], got {word!r}"
+                )
             try:
-                opts[k] = v if k == "name" else int(v)
+                opts[k] = v if k in ("name", "profile") else int(v)
             except ValueError:
                 raise ConfigError(f"{path}:{n}: {k} must be an integer") from None
-        keys.append(Key(words[0], str(opts["name"]), Bucket(int(opts["rpm"])), Bucket(int(opts["tpm"]))))
+        keys.append(Key(words[0], str(opts["name"]), Bucket(int(opts["rpm"])), Bucket(int(opts["tpm"])),
+                        opts["profile"]))
     return keys
