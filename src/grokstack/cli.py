@@ -1,4 +1,5 @@
-"""`grokstack` command line: inspect, generate, chat, convert, make-tiny.
+"""`grokstack` command line: inspect, generate, chat, serve, ingest, feeds, search, convert, plan, moderate,
+guard-eval, make-tiny.
 
 Every user error ends in one line on stderr and a non-zero exit, never a traceback
 (set GROKSTACK_DEBUG=1 to see one for unexpected failures).
@@ -18,8 +19,10 @@ from pathlib import Path
 
 from .errors import GrokstackError, InvalidArgumentError
 from .notices import banner, notice_for
+from .plan import add_plan_args, cmd_plan
 
 GIB = 1 << 30
+MAX_MODERATE_CHARS = 1 << 20
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -92,6 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("--search-results", action="store_true",
                    help="add the search_results list (title, url, date, snippet) to every searched answer")
+    _add_guard_args(p)
+    p.add_argument("--guard-block-style", choices=["refusal", "error"], default="refusal",
+                   help="a blocked request gets a 200 refusal message (default) or a 400 content_filter error")
+    p.add_argument("--audit-log", default=env("GROKSTACK_AUDIT_LOG"),
+                   help="guard audit log (JSONL; default STATE_DIR/guard-audit.jsonl)")
+    p.add_argument("--audit-content", action="store_true", help="keep raw text in the audit log (default: hashes)")
+
+    p = sub.add_parser("moderate", help="check a text with the guard (the same checks as /v1/moderations)")
+    _add_guard_args(p)
+    p.add_argument("text", help="the text to check; - reads stdin")
+    p.add_argument("--direction", choices=["input", "retrieved", "output"], default="input")
+    p.add_argument("--json", action="store_true", help="print the whole verdict as JSON")
+
+    p = sub.add_parser("guard-eval", help="refusal and over-refusal of the guard on public safety prompt sets")
+    _add_guard_args(p)
+    p.add_argument("--data", default=None, help="folder with xstest/, jailbreakbench/, harmbench/, advbench/ "
+                   "(default: ../shared/data/safety next to the repository, or env GROKSTACK_SAFETY_DATA)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("ingest", help="add live-search documents: a JSONL file, an RSS/Atom feed or X API v2")
     _add_data_dir(p)
@@ -141,12 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preshard", type=int, default=0, metavar="TP", help="split experts into TP files like the release")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
 
+    p = sub.add_parser("plan", help="per-GPU memory plan (weights, KV cache, activations): does it fit?")
+    add_plan_args(p)
+
     p = sub.add_parser("make-tiny", help="a tiny random checkpoint in the exact release layout")
     p.add_argument("--arch", required=True, choices=["grok-1", "grok-2"])
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     return parser
+
+
+def _add_guard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guard", default=os.environ.get("GROKSTACK_GUARD", "aup"), metavar="PROFILE",
+                   help="guard profile: aup (default), strict, permissive, off, or a TOML file (env GROKSTACK_GUARD)")
 
 
 def default_data_dir() -> Path:
@@ -312,6 +341,7 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     from .engine import Engine
     from .server import Settings, model_id_for, serve
+    from .server.moderation import GuardSettings, check_guard_profile
 
     for name in ("max_batch", "max_model_len", "port"):
         if getattr(args, name) < 1:
@@ -323,13 +353,58 @@ def cmd_serve(args) -> int:
     model_id = args.served_model_name or model_id_for(lm, args.model)
     aliases = [a for a in [*args.alias, "default" if args.model == "default" else None] if a and a != model_id]
     Path(args.data_dir).mkdir(parents=True, exist_ok=True)
+    state_dir = Path(args.state_dir)
+    guard = GuardSettings(profile=args.guard, block_style=args.guard_block_style,
+                          audit_path=Path(args.audit_log) if args.audit_log else state_dir / "guard-audit.jsonl",
+                          audit_content=args.audit_content)
+    check_guard_profile(args.guard, lm.config)
     settings = Settings(
         model_id=model_id, aliases=aliases, api_keys=args.api_key, keys_file=args.api_keys_file, rpm=args.rpm,
-        tpm=args.tpm, error_style=args.error_style, state_dir=Path(args.state_dir), data_dir=Path(args.data_dir),
-        search_results=args.search_results,
+        tpm=args.tpm, error_style=args.error_style, state_dir=state_dir, data_dir=Path(args.data_dir),
+        search_results=args.search_results, guard=guard,
     )
     serve(lm, engine, settings, args.host, args.port, args.grace)
     return 0
+
+
+def cmd_moderate(args) -> int:
+    from .guard.check import Guard
+    from .guard.policy import load_profile
+
+    text = sys.stdin.buffer.read() if args.text == "-" else args.text
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgumentError(f"the input is not valid UTF-8 (byte {exc.start})") from None
+    if not text.strip():
+        raise InvalidArgumentError("nothing to check: the text is empty")
+    if len(text) > MAX_MODERATE_CHARS:
+        raise InvalidArgumentError(f"the text has {len(text)} characters; at most {MAX_MODERATE_CHARS} are checked")
+    verdict = Guard(load_profile(args.guard)).check(text, direction=args.direction)
+    if args.json:
+        print(json.dumps(verdict.to_dict(), indent=2))
+    else:
+        codes = ", ".join(f"{c} {verdict.scores.get(c, 0):.2f}" for c in verdict.codes) or "none"
+        print(f"{'flagged' if verdict.flagged else 'not flagged'}: action {verdict.action}; codes {codes}")
+    return 1 if verdict.action == "block" else 0
+
+
+def cmd_guard_eval(args) -> int:
+    from .guard.check import Guard
+    from .guard.evaluate import evaluate, format_table
+    from .guard.policy import load_profile
+
+    data = Path(args.data or os.environ.get("GROKSTACK_SAFETY_DATA") or _shared_safety_dir())
+    report = evaluate(data, Guard(load_profile(args.guard)))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_table(report))
+    return 0
+
+
+def _shared_safety_dir() -> Path:
+    """../shared/data/safety beside the repository (a source checkout), else the current folder's."""
+    here = Path(__file__).resolve().parents[3] / "shared" / "data" / "safety"
+    return here if here.is_dir() else Path.cwd().parent / "shared" / "data" / "safety"
 
 
 def cmd_ingest(args) -> int:
@@ -471,6 +546,9 @@ COMMANDS = {
     "feeds": cmd_feeds,
     "convert": cmd_convert,
     "make-tiny": cmd_make_tiny,
+    "moderate": cmd_moderate,
+    "plan": cmd_plan,
+    "guard-eval": cmd_guard_eval,
 }
 
 
