@@ -8,6 +8,7 @@ Every user error ends in one line on stderr and a non-zero exit, never a traceba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -37,6 +38,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field/knob")
 
 
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=int(os.environ.get("GROKSTACK_TP", "1")),
+                   help="tensor-parallel ranks: run as `torchrun --nproc-per-node N -m grokstack.cli ... --tp N`")
+    p.add_argument("--ep", action="store_true", help="with --tp: whole experts per rank (expert parallelism)")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.7 chat, 0 generate)")
@@ -59,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
     _add_model_args(p)
+    _add_parallel_args(p)
     _add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("prompt")
@@ -70,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="the xAI/OpenAI-compatible HTTP API with continuous batching")
     _add_model_args(p)
+    _add_parallel_args(p)
     env = os.environ.get
     p.add_argument("--host", default=env("GROKSTACK_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("GROKSTACK_PORT", "8000")))
@@ -212,6 +221,34 @@ def _load(args):
     return load(args.model, dtype=args.dtype, config=args.config, **_overrides(args.set))
 
 
+@contextlib.contextmanager
+def _model_for(args):
+    """The LM a command runs: loaded whole, or under torchrun with --tp N this rank's shard. Rank 0 gets the
+    LM (its model leads: every forward step is replayed by the other ranks); the other ranks follow rank 0
+    until it stops and then get None."""
+    if args.tp < 1:
+        raise InvalidArgumentError("--tp must be >= 1")
+    if args.tp == 1 and not args.ep:
+        yield _load(args)
+        return
+    from .parallel import Leader, follow, init_distributed, load_lm, shutdown_distributed
+
+    ctx = init_distributed(mode="ep" if args.ep else "tp", world=args.tp)
+    try:
+        lm = load_lm(args.model, ctx, dtype=args.dtype, config=args.config, **_overrides(args.set))
+        if ctx.rank != 0:
+            follow(lm.model, ctx)
+            yield None
+            return
+        lm.model = leader = Leader(lm.model, ctx)
+        try:
+            yield lm
+        finally:
+            leader.stop()
+    finally:
+        shutdown_distributed()
+
+
 def _sampling(args, default_temperature: float) -> dict:
     return {
         "max_tokens": args.max_tokens,
@@ -284,11 +321,13 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    lm = _load(args)
-    if lm.notice.attribution:  # stderr, so piped output stays the model's text only
-        print(banner(lm.notice), file=sys.stderr)
-    ids = lm.chat_ids([{"role": "user", "content": args.prompt}]) if args.chat else lm.encode(args.prompt)
-    _print_stream(lm.stream(ids, **_sampling(args, 0.0)))
+    with _model_for(args) as lm:
+        if lm is None:  # a follower rank: its work was rank 0's steps
+            return 0
+        if lm.notice.attribution:  # stderr, so piped output stays the model's text only
+            print(banner(lm.notice), file=sys.stderr)
+        ids = lm.chat_ids([{"role": "user", "content": args.prompt}]) if args.chat else lm.encode(args.prompt)
+        _print_stream(lm.stream(ids, **_sampling(args, 0.0)))
     return 0
 
 
@@ -339,17 +378,25 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    for name in ("max_batch", "max_model_len", "port"):
+        if getattr(args, name) < 1:
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= 1")
+    with _model_for(args) as lm:
+        if lm is not None:
+            _serve(args, lm)
+    return 0
+
+
+def _serve(args, lm) -> None:
     from .engine import Engine
     from .server import Settings, model_id_for, serve
     from .server.moderation import GuardSettings, check_guard_profile
 
-    for name in ("max_batch", "max_model_len", "port"):
-        if getattr(args, name) < 1:
-            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= 1")
-    lm = _load(args)
     lm.need_tokenizer()
     engine = Engine(lm, max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk)
+    if hasattr(lm.model, "wrap_cache"):  # tensor parallel: cache steps are replayed on the other ranks too
+        engine.cache = lm.model.wrap_cache(engine.cache)
     model_id = args.served_model_name or model_id_for(lm, args.model)
     aliases = [a for a in [*args.alias, "default" if args.model == "default" else None] if a and a != model_id]
     Path(args.data_dir).mkdir(parents=True, exist_ok=True)
@@ -364,7 +411,6 @@ def cmd_serve(args) -> int:
         search_results=args.search_results, guard=guard,
     )
     serve(lm, engine, settings, args.host, args.port, args.grace)
-    return 0
 
 
 def cmd_moderate(args) -> int:

@@ -36,6 +36,14 @@ class InvalidArgumentError(GrokstackError):
     exit_code = 2
 
 
+class ContentFilterError(GrokstackError):
+    """A request the guard blocked, when the server answers blocks with an error (--guard-block-style error)."""
+
+    def __init__(self, message: str, codes: list[str]) -> None:
+        super().__init__(message)
+        self.codes = codes
+
+
 class NotFoundError(GrokstackError):
     """An unknown model, route or deferred request id."""
 

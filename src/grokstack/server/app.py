@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from .. import __version__
 from ..engine import Engine, PromptLogprobs
-from ..errors import GrokstackError, InvalidArgumentError, NotFoundError, OverloadedError
+from ..errors import ContentFilterError, GrokstackError, InvalidArgumentError, NotFoundError, OverloadedError
 from ..generate import Event, TokenLogprob
 from ..lm import LM
 from ..sampling import SamplingParams
@@ -35,11 +35,13 @@ from . import errors
 from .auth import Key, Keys
 from .deferred import DeferredStore
 from .metrics import Metrics
+from .moderation import Guards, GuardSettings, RequestGuard, Verdict, moderation_result
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     Message,
+    ModerationRequest,
     TokenizeRequest,
     TokenizeTextRequest,
 )
@@ -61,6 +63,7 @@ class Settings:
     state_dir: Path = Path(".grokstack")
     data_dir: Path | None = None  # live-search index (shared with `grokstack ingest` / `search`)
     search_results: bool = False  # add the Perplexity-like `search_results` list to every searched answer
+    guard: GuardSettings = field(default_factory=GuardSettings)
 
 
 # ----------------------------------------------------------------------------- engine <-> event loop
@@ -81,6 +84,8 @@ class ChatPlan:
     params: list[SamplingParams]
     constraints: list | None
     hits: list[Hit] | None
+    guard: RequestGuard
+    refusal: Verdict | None = None  # the input guard blocked the request: answer with a refusal, generate nothing
 
 
 class Job:
@@ -200,6 +205,7 @@ class Api:
         self.metrics = Metrics()
         self.store = DeferredStore(Path(settings.state_dir) / "deferred.sqlite")
         self.index = Index(Path(settings.data_dir) / "index.sqlite") if settings.data_dir else None
+        self.guards = Guards(settings.guard)
         self.created = _now()
         cfg = lm.config
         knobs = json.dumps(cfg.to_hf_config(), sort_keys=True)
@@ -265,7 +271,9 @@ class Api:
             messages.append({"role": role, "content": _message_text(m)})
         return messages
 
-    def search_for(self, body: ChatCompletionRequest, messages: list[dict]) -> tuple[list[dict], list[Hit] | None]:
+    def search_for(
+        self, body: ChatCompletionRequest, messages: list[dict], guard: RequestGuard
+    ) -> tuple[list[dict], list[Hit] | None]:
         """Live search (xAI `search_parameters`, or OpenAI's `web_search_options` as mode auto): the messages
         with a sources block before the last user turn, and the hits injected (None when no search ran)."""
         params = body.search_parameters
@@ -280,7 +288,7 @@ class Api:
             return messages, None
         if self.index is None:
             return messages, []  # no data directory: searched, found nothing
-        hits = live.retrieve(self.index, plan, question)
+        hits = guard.screen_hits(live.retrieve(self.index, plan, question))
         budget = int(self.engine.max_model_len * live.CONTEXT_SHARE)
         hits, text = live.fit_sources(hits, live.new_marker(),
                                       lambda t: len(self.tok.encode(t, allow_special=False)), budget)
@@ -334,14 +342,34 @@ class Api:
         }
 
     # ------------------------------------------------------------------ chat
-    def prepare_chat(self, body: ChatCompletionRequest) -> ChatPlan:
-        messages, hits = self.search_for(body, self.chat_messages(body))
+    def prepare_chat(self, body: ChatCompletionRequest, key: Key | None = None, request_id: str = "") -> ChatPlan:
+        guard = self.guards.request(key, request_id)
+        messages = self.chat_messages(body)
+        refusal = guard.check_input(messages)
+        if refusal is not None and self.settings.guard.block_style == "error":
+            raise ContentFilterError(f"{guard.refusal} (blocked by the content guard: {', '.join(refusal.codes)})",
+                                     refusal.codes)
+        hits = None
+        if refusal is None:
+            messages, hits = self.search_for(body, messages, guard)
         prompt = self.tok.chat_ids(messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = self.sampling(body, len(prompt), max_tokens)
         if body.logprobs:
             params = [p.replace(logprobs=body.top_logprobs or 0) for p in params]
-        return ChatPlan(prompt, params, self.constraints(body), hits)
+        return ChatPlan(prompt, params, self.constraints(body), hits, guard, refusal)
+
+    def refusal_result(self, body: ChatCompletionRequest, plan: ChatPlan) -> dict:
+        """The answer to a blocked request: HTTP 200, a refusal in every choice, nothing generated."""
+        refusal = plan.guard.refusal
+        message = {"role": "assistant", "content": refusal, "refusal": refusal}
+        choices = [{"index": i, "message": message, "logprobs": None, "finish_reason": "content_filter"}
+                   for i in range(body.n)]
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": _now(),
+            "model": body.model, "choices": choices, "system_fingerprint": self.fingerprint,
+            "usage": self.usage(len(plan.prompt), 0),
+        }
 
     def search_fields(self, body: ChatCompletionRequest, plan: ChatPlan, answers: list[str]) -> dict:
         """`citations` (and the opt-in `search_results`) for a response whose search ran."""
@@ -358,6 +386,8 @@ class Api:
     async def chat_result(
         self, body: ChatCompletionRequest, plan: ChatPlan, request, key: Key | None = None
     ) -> dict:
+        if plan.refusal is not None:
+            return self.refusal_result(body, plan)
         prompt, params = plan.prompt, plan.params
         job = Job(self, prompt, params, plan.constraints, key=key)
         self.metrics.prompt_tokens.inc(len(prompt))
@@ -365,9 +395,14 @@ class Api:
         choices = []
         for i, r in enumerate(results):
             lps = [t for t in r.tokens if isinstance(t, TokenLogprob) and t.token_id not in self._stop_set(params[i])]
+            text, blocked = plan.guard.finish_output(r.text)
+            refusal = None
+            if blocked is not None:  # checked whole before returning: nothing of a blocked answer goes out
+                text = refusal = plan.guard.refusal
+                r.finish_reason = "content_filter"
             choices.append({
                 "index": i,
-                "message": {"role": "assistant", "content": r.text, "refusal": None},
+                "message": {"role": "assistant", "content": text, "refusal": refusal},
                 "logprobs": self.chat_logprobs(lps, body.top_logprobs or 0) if body.logprobs else None,
                 "finish_reason": r.finish_reason,
             })
@@ -386,10 +421,14 @@ class Api:
         self, body: ChatCompletionRequest, plan: ChatPlan, request, key: Key | None = None
     ) -> AsyncIterator[bytes]:
         prompt, params = plan.prompt, plan.params
-        job = Job(self, prompt, params, plan.constraints, key=key)
-        self.metrics.prompt_tokens.inc(len(prompt))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
         usage_on = bool(body.stream_options and body.stream_options.include_usage)
+        if plan.refusal is not None:  # one content chunk and the finish chunk per choice, nothing generated
+            async for item in self.refusal_stream(body, plan, cid, created, usage_on):
+                yield item
+            return
+        job = Job(self, prompt, params, plan.constraints, key=key)
+        self.metrics.prompt_tokens.inc(len(prompt))
 
         def chunk(choices: list, usage: Any = None, extra: dict | None = None) -> bytes:
             out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
@@ -400,6 +439,8 @@ class Api:
 
         generated = [0] * len(params)
         texts = [""] * len(params)
+        screens = [plan.guard.output() for _ in params]
+        done = [False] * len(params)
         try:
             for i in range(len(params)):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -408,24 +449,36 @@ class Api:
                 if ev is None:
                     yield b": keep-alive\n\n"
                     continue
-                if not isinstance(ev, Event):
+                if not isinstance(ev, Event) or done[ev.index]:
                     continue
-                stop_tok = ev.stop_token
+                i = ev.index
                 if ev.token_id >= 0:
-                    generated[ev.index] += 1
+                    generated[i] += 1
                 lp = None
-                if body.logprobs and ev.logprob is not None and not stop_tok:
+                if body.logprobs and ev.logprob is not None and not ev.stop_token:
                     lp = self.chat_logprobs([ev.logprob], body.top_logprobs or 0)
-                texts[ev.index] += ev.text
-                if ev.text or lp:
-                    yield chunk([{"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp,
+                # the output guard releases text once its window passed (buffered) or at once (optimistic)
+                released, blocked = screens[i].feed(ev.text)
+                if ev.finish_reason and blocked is None:
+                    rest, blocked = screens[i].finish()
+                    released += rest
+                texts[i] += released
+                if released or lp:
+                    yield chunk([{"index": i, "delta": {"content": released}, "logprobs": lp,
                                   "finish_reason": None}])
-                if ev.finish_reason:
+                finish = "content_filter" if blocked is not None else ev.finish_reason
+                if finish:
+                    done[i] = True
+                    if blocked is not None:
+                        refusal = plan.guard.refusal
+                        yield chunk([{"index": i, "delta": {"content": refusal, "refusal": refusal},
+                                      "logprobs": None, "finish_reason": None}])
                     # citations are known only now; they ride on the last chunk before [DONE] (api.md §5)
-                    last = job.finished == job.n and not usage_on
-                    yield chunk([{"index": ev.index, "delta": {}, "logprobs": None,
-                                  "finish_reason": ev.finish_reason}],
+                    last = all(done) and not usage_on
+                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}],
                                 extra=self.search_fields(body, plan, texts) if last else None)
+                    if all(done):
+                        break  # leaving the loop cancels what is still generating (a blocked choice)
             if usage_on:
                 usage = self.usage(len(prompt), sum(generated))
                 usage["num_sources_used"] = len(plan.hits or [])
@@ -438,6 +491,21 @@ class Api:
             log.exception("stream failed")
             yield _sse({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
                                   "code": "internal_error"}})
+
+    async def refusal_stream(self, body, plan: ChatPlan, cid: str, created: int, usage_on: bool):
+        for i in range(body.n):
+            refusal = plan.guard.refusal
+            for delta, finish in (({"role": "assistant", "content": refusal, "refusal": refusal}, None),
+                                  ({}, "content_filter")):
+                out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                       "system_fingerprint": self.fingerprint,
+                       "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                yield _sse(out | ({"usage": None} if usage_on else {}))
+        if usage_on:
+            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                        "system_fingerprint": self.fingerprint, "choices": [],
+                        "usage": self.usage(len(plan.prompt), 0)})
+        yield _sse("[DONE]")
 
     # ------------------------------------------------------------------ completions
     def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
@@ -667,6 +735,7 @@ class Edge:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         rid = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid  # request.state.request_id for the audit log
         status = 500
         started = False
 
@@ -746,6 +815,7 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
         for task in list(api.tasks):
             task.cancel()
         api.store.close()
+        api.guards.close()
         if api.index is not None:
             api.index.close()
 
@@ -762,9 +832,11 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
         api.check_model(body.model)
         if body.deferred and body.stream:
             raise InvalidArgumentError("a deferred completion cannot stream")
-        plan = api.prepare_chat(body)
+        plan = api.prepare_chat(body, key, request.state.request_id)
         api.charge(key, len(plan.prompt) + sum(sp.max_tokens for sp in plan.params))
         headers = api.limit_headers(key)
+        if plan.refusal is not None:
+            headers["x-grokstack-guard"] = f"action=block; codes={','.join(plan.refusal.codes)}"
         if body.deferred:
             job_id = api.store.add(body.model_dump(mode="json"))
             api.spawn_deferred(job_id, body)
@@ -772,6 +844,15 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
         if body.stream:
             return await _sse_response(api.chat_stream(body, plan, request, key), headers)
         return JSONResponse(await api.chat_result(body, plan, request, key), headers=headers)
+
+    @app.post("/v1/moderations")
+    async def moderations(body: ModerationRequest, request: Request):
+        key = api.authorize(request)
+        guard = api.guards.for_key(key)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        verdicts = await asyncio.to_thread(lambda: [guard.check(t, direction="input") for t in texts])
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": body.model or "grokstack-guard",
+                "results": [moderation_result(v) for v in verdicts]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

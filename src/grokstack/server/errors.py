@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ContextLengthError, GrokstackError, OverloadedError, RateLimitError
+from ..errors import ContentFilterError, ContextLengthError, GrokstackError, OverloadedError, RateLimitError
 
 # status -> (OpenAI type, default code, xAI gRPC status text)
 KINDS = {
@@ -58,6 +58,8 @@ async def on_grokstack_error(request: Request, exc: GrokstackError) -> JSONRespo
             headers["x-should-retry"] = "false"
     if isinstance(exc, ContextLengthError):
         code = "context_length_exceeded"
+    if isinstance(exc, ContentFilterError):
+        code = "content_filter"
     return error_response(exc.http_status, str(exc), _style(request), code=code, headers=headers)
 
 

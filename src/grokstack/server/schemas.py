@@ -118,3 +118,24 @@ class TokenizeRequest(_Body):
 
 class DetokenizeRequest(_Body):
     tokens: list[Annotated[int, Field(ge=0)]]
+
+
+MAX_MODERATION_INPUTS = 64
+MAX_MODERATION_CHARS = 1 << 20
+
+
+class ModerationRequest(_Body):
+    input: str | list[str]
+    model: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(cls, v: str | list[str]) -> str | list[str]:
+        items = [v] if isinstance(v, str) else v
+        if not items or not all(x.strip() for x in items):
+            raise ValueError("input must be a non-empty string or a non-empty list of non-empty strings")
+        if len(items) > MAX_MODERATION_INPUTS:
+            raise ValueError(f"at most {MAX_MODERATION_INPUTS} inputs per request")
+        if sum(len(x) for x in items) > MAX_MODERATION_CHARS:
+            raise ValueError(f"inputs may hold at most {MAX_MODERATION_CHARS} characters in all")
+        return v
