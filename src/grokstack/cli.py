@@ -20,10 +20,11 @@ from pathlib import Path
 
 from .errors import GrokstackError, InvalidArgumentError
 from .notices import banner, notice_for
-from .plan import add_plan_args, cmd_plan
+from .plan import NO_FIT_EXIT, add_plan_args, cmd_plan
 
 GIB = 1 << 30
 MAX_MODERATE_CHARS = 1 << 20
+VERDICT_NO = NO_FIT_EXIT  # exit code of a check that answered "no" (blocked, does not fit); 1-3 are errors
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -433,7 +434,7 @@ def cmd_moderate(args) -> int:
     else:
         codes = ", ".join(f"{c} {verdict.scores.get(c, 0):.2f}" for c in verdict.codes) or "none"
         print(f"{'flagged' if verdict.flagged else 'not flagged'}: action {verdict.action}; codes {codes}")
-    return 1 if verdict.action == "block" else 0
+    return VERDICT_NO if verdict.action == "block" else 0
 
 
 def cmd_guard_eval(args) -> int:
