@@ -4,14 +4,17 @@
    step must read / measured copy bandwidth), batch 1 and 8.
 2. The bundled default model (SmolLM2-135M-Instruct GGUF) at batch 1, next to Hugging Face `transformers`
    running the same file in the same process, with the ratio.
+3. With --quantize int8,int4: both models again, float and weight-only quantized (quant.py), batch 1 and 8,
+   against the same roofline; the bytes a step reads are counted from the quantized model's own buffers.
 
-Run: .venv/bin/python benchmarks/decode.py [--tokens 64] [--only grok|default].
+Run: .venv/bin/python benchmarks/decode.py [--tokens 64] [--only grok|default] [--quantize int8,int4].
 Prints tables, writes benchmarks/results/decode.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from functools import partial
@@ -21,6 +24,8 @@ import torch
 
 from grokstack.config import from_hf_config
 from grokstack.generate import stream_batch
+from grokstack.model import Experts
+from grokstack.quant import QuantExperts, model_bytes, quantize_model
 from grokstack.sampling import SamplingParams
 from grokstack.tiny import random_model, tiny_grok2_hf_config
 
@@ -125,12 +130,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--only", choices=["grok", "default"])
+    ap.add_argument("--quantize", default="", help="comma-separated quant.py modes for extra rows, e.g. int8,int4")
     args = ap.parse_args()
+    modes = [m for m in args.quantize.split(",") if m]
     report: dict = {}
     if args.only != "default":
         report.update(bench_grok(args.tokens))
     if args.only != "grok":
         report["default_rows"] = bench_default(args.tokens)
+    if modes:
+        report["quant_rows"] = bench_quantized(args.tokens, modes, args.only)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "decode.json").write_text(json.dumps(report, indent=1))
@@ -155,6 +164,48 @@ def bench_grok(new_tokens: int) -> dict:
             r = rows[-1]
             print(f"{r['dtype']:8s} {batch:5d} {tps:9.1f} {roof:15.1f} {r['fraction']:9.2%}")
     return {"params": counts, "copy_bandwidth": bw, "rows": rows}
+
+
+def read_bytes(model, batch: int) -> int:
+    """Weight bytes a decode step reads, from the model's own tensors: everything but the unused experts."""
+    total = model_bytes(model)
+    for m in model.modules():
+        if isinstance(m, Experts | QuantExperts):
+            per_expert = model_bytes(m) // m.count
+            total -= (m.count - min(m.count, batch * model.cfg.num_experts_per_tok)) * per_expert
+    return total
+
+
+def bench_quantized(new_tokens: int, modes: list[str], only: str | None) -> list[dict]:
+    """Float vs weight-only quantized decode, batch 1 and 8, against the copy-bandwidth roofline."""
+    import grokstack
+
+    bw = copy_bandwidth()
+    bases = []
+    if only != "default":
+        bases.append(("grok-synthetic", "bfloat16", random_model(bench_config(), seed=0, dtype=torch.bfloat16)))
+    if only != "grok":
+        bases.append(("default", "float32", grokstack.load("default").model))
+    print(f"\nweight-only quantization, threads {torch.get_num_threads()}, copy bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"{'model':15s} {'weights':8s} {'batch':>5s} {'MiB/step':>9s} {'tok/s':>9s} {'roofline tok/s':>15s} "
+          f"{'fraction':>9s}")
+    rows = []
+    for name, base_dtype, base in bases:
+        for mode in ["float", *modes]:
+            model = base if mode == "float" else quantize_model(copy.deepcopy(base), mode, 128)
+            model.eval()
+            run(model, 1, 8)  # warm-up
+            for batch in (1, 8):
+                tps = run(model, batch, new_tokens)
+                nbytes = read_bytes(model, batch)
+                roof = batch * bw / nbytes
+                weights = base_dtype if mode == "float" else mode + (" g128" if mode == "int4" else "")
+                rows.append({"model": name, "weights": weights, "batch": batch, "step_bytes": nbytes, "tok_s": tps,
+                             "roofline_tok_s": roof, "fraction": tps / roof})
+                print(f"{name:15s} {weights:8s} {batch:5d} {nbytes / 2**20:9.1f} {tps:9.1f} {roof:15.1f} "
+                      f"{tps / roof:9.2%}", flush=True)
+            del model
+    return rows
 
 
 if __name__ == "__main__":

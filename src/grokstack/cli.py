@@ -37,6 +37,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="config JSON (official Grok-1 names or HF config.json)")
     p.add_argument("--dtype", default=os.environ.get("GROKSTACK_DTYPE", "float32"), help="float32 or bfloat16")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field/knob")
+    _add_quant_args(p)
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4", "fp8"], default=os.environ.get("GROKSTACK_QUANTIZE"),
+                   help="weight-only quantization of every linear layer (env GROKSTACK_QUANTIZE)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256")
 
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -170,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the written tensors")
     p.add_argument("--preshard", type=int, default=0, metavar="TP", help="split experts into TP files like the release")
+    _add_quant_args(p)
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
 
     p = sub.add_parser("plan", help="per-GPU memory plan (weights, KV cache, activations): does it fit?")
@@ -219,7 +227,8 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
 def _load(args):
     from .lm import load
 
-    return load(args.model, dtype=args.dtype, config=args.config, **_overrides(args.set))
+    return load(args.model, dtype=args.dtype, config=args.config, quantize=args.quantize, group_size=args.group_size,
+                **_overrides(args.set))
 
 
 @contextlib.contextmanager
@@ -237,6 +246,10 @@ def _model_for(args):
     ctx = init_distributed(mode="ep" if args.ep else "tp", world=args.tp)
     try:
         lm = load_lm(args.model, ctx, dtype=args.dtype, config=args.config, **_overrides(args.set))
+        if args.quantize:  # after sharding: each rank quantizes its own slices
+            from .quant import quantize_model
+
+            quantize_model(lm.model, args.quantize, args.group_size)
         if ctx.rank != 0:
             follow(lm.model, ctx)
             yield None
@@ -553,15 +566,22 @@ def _prepare_out(out: Path, force: bool) -> None:
 def cmd_convert(args) -> int:
     from .lm import load, parse_dtype
     from .loading.safetensors_folder import save_safetensors_folder
+    from .quant import quant_spec, save_quantized
     from .tokenizer import find_tokenizer_file
 
     out = Path(args.out)
     dtype = parse_dtype(args.dtype)
     if args.preshard < 0:
         raise InvalidArgumentError("--preshard must be >= 0")
+    if args.preshard and args.quantize:
+        raise InvalidArgumentError("--preshard and --quantize do not combine: quantized checkpoints are written "
+                                   "whole and sharded at load (serve --tp)")
     _prepare_out(out, args.force)
-    lm = load(args.src, dtype=dtype, config=args.config)
-    files = save_safetensors_folder(lm.model, out, dtype, preshard=args.preshard)
+    lm = load(args.src, dtype=dtype, config=args.config, quantize=args.quantize, group_size=args.group_size)
+    if quant_spec(lm.model) is not None:  # stored as codes + scales; loads back without re-quantizing
+        files = save_quantized(lm.model, out)
+    else:
+        files = save_safetensors_folder(lm.model, out, dtype, preshard=args.preshard)
     tok = find_tokenizer_file(Path(args.src))
     if tok:
         shutil.copyfile(tok, out / tok.name)

@@ -96,13 +96,16 @@ def load(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     config: str | Path | None = None,
+    quantize: str | None = None,
+    group_size: int = 128,
     **overrides: Any,
 ) -> LM:
     """Load a model: `default` (the bundled SmolLM2), a Hub id (`xai-org/grok-2`), a `.gguf` file, a
     Grok-2 safetensors folder (presharded or not) or a Grok-1 folder with ckpt-0/.
 
-    `config` is a JSON file (official Grok-1 names or HF config.json); `overrides` change config
-    fields, e.g. the engine knobs (`gelu="tanh"`).
+    `config` is a JSON file (official Grok-1 names or HF config.json); `quantize` ("int8", "int4" or "fp8",
+    int4 in groups of `group_size`) quantizes the weights at load; `overrides` change config fields, e.g.
+    the engine knobs (`gelu="tanh"`).
     """
     torch_dtype = parse_dtype(dtype)
     path = resolve(model)
@@ -111,6 +114,10 @@ def load(
         ckpt.config = ckpt.config.with_overrides(overrides)
     with _progress(ckpt) as bar:
         weights = load_weights(ckpt, torch_dtype, bar)
+    if quantize:
+        from .quant import quantize_model
+
+        quantize_model(weights, quantize, group_size)
     weights = weights.to(device)
     tokenizer = _tokenizer_for(ckpt)
     if tokenizer is None:

@@ -72,4 +72,8 @@ def load_weights(ckpt: Checkpoint, dtype: torch.dtype, progress=None) -> Transfo
         return load_gguf(ckpt.gguf, ckpt.config, dtype, progress)
     if ckpt.format == "grok1-ckpt":
         return load_grok1(ckpt.grok1_dir, ckpt.config, dtype, progress)
+    from ..quant import is_quantized_checkpoint, load_quantized
+
+    if is_quantized_checkpoint(ckpt.path):  # written by `convert --quantize`: loads as stored, never re-quantized
+        return load_quantized(ckpt.path, ckpt.config, dtype, progress)
     return load_safetensors_folder(ckpt.path, ckpt.config, dtype, progress)
