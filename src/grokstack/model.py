@@ -335,8 +335,7 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits [..., V] from normed hidden states [..., D]."""
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        out = (h @ w.T) * self.cfg.output_multiplier
+        out = (h @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(h)) * self.cfg.output_multiplier
         return softcap(out.float(), self.cfg.final_softcap)
 
     def forward(

@@ -285,21 +285,6 @@ def _fp8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Ten
 
 
 # ------------------------------------------------------------------------------ modules
-class _WeightView:
-    """What `QuantLinear.weight` returns, so `h @ lm_head.weight.T` (Transformer.logits) runs the quantized
-    matmul instead of needing a float weight. Drop it once logits calls `self.lm_head(h)`."""
-
-    def __init__(self, linear: QuantLinear) -> None:
-        self.linear = linear
-
-    @property
-    def T(self) -> _WeightView:
-        return self
-
-    def __rmatmul__(self, h: torch.Tensor) -> torch.Tensor:
-        return self.linear(h)
-
-
 class QuantLinear(nn.Module):
     """y = x @ W.T for a quantized W [out_features, in_features], or for matrix e of a stack of `stack` of
     them (an expert stack). Buffers hold the runtime form, stacked: qweight [S, ...], scales [S, ...] or
@@ -336,10 +321,6 @@ class QuantLinear(nn.Module):
         """Storage form of matrix e (for checkpoints and device moves)."""
         runtime = {name: buf[e] for name, buf in self._buffers.items()}
         return unpack(runtime, self.spec, self.out_features, self.in_features)
-
-    @property
-    def weight(self) -> _WeightView:
-        return _WeightView(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, 0)
