@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from grokstack.guard.check import Guard
-from grokstack.guard.policy import load_profile
 from grokstack.server.moderation import Guards, GuardSettings
 
 SAFETY = Path(__file__).resolve().parents[2] / "shared" / "data" / "safety"
@@ -85,9 +84,8 @@ def main() -> None:
     ap.add_argument("--profile", default="aup")
     ap.add_argument("--requests", type=int, default=300)
     args = ap.parse_args()
-    guard = Guard(load_profile(args.profile))
-    guard.check("warm up the classifier")  # trains or loads it once, outside the timings
-    guards = Guards(GuardSettings(profile=args.profile))
+    guards = Guards(GuardSettings(profile=args.profile))  # trains or loads the classifier once, outside the timings
+    guard = guards.for_profile(args.profile)
     ins = bench_input(guard, prompts(args.requests))
     outs_texts = answers(max(20, args.requests // 5))
     outs = bench_output(guards, outs_texts)
