@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
+from grokstack import minilm as embed_mod
 from grokstack.guard import classifier as clf_mod
-from grokstack.guard import embed as embed_mod
 from grokstack.guard.check import Guard
 from grokstack.guard.classifier import (
     Classifier,

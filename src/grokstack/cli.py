@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guard_args(p)
     p.add_argument("--data", default=None, help="folder with xstest/, jailbreakbench/, harmbench/, advbench/ "
                    "(default: ../shared/data/safety next to the repository, or env GROKSTACK_SAFETY_DATA)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most N prompts per set and side (a judge costs a model call per prompt)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("ingest", help="add live-search documents: a JSONL file, an RSS/Atom feed or X API v2")
@@ -192,8 +194,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_guard_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--guard", default=os.environ.get("GROKSTACK_GUARD", "aup"), metavar="PROFILE",
+    env = os.environ.get
+    p.add_argument("--guard", default=env("GROKSTACK_GUARD", "aup"), metavar="PROFILE",
                    help="guard profile: aup (default), strict, permissive, off, or a TOML file (env GROKSTACK_GUARD)")
+    p.add_argument("--judge", default=env("GROKSTACK_JUDGE"), metavar="URL|MODEL",
+                   help="optional LLM judge on user input: an OpenAI-compatible API URL (e.g. a Llama Guard "
+                        "server's http://host:8000/v1) or a model for this process (env GROKSTACK_JUDGE)")
+    p.add_argument("--judge-model", default=env("GROKSTACK_JUDGE_MODEL", ""), help="model name sent to a judge URL")
+    p.add_argument("--judge-style", choices=["llama-guard", "prompt"], default="llama-guard",
+                   help="llama-guard: send the conversation as is; prompt: wrap it in a judging prompt "
+                        "(any chat model)")
+    p.add_argument("--judge-mode", choices=["max", "decide"], default="max",
+                   help="max: the judge can only add flags; decide: the judge replaces the classifier")
+
+
+def _guard(args):
+    """The Guard that moderate and guard-eval use: the profile, plus the judge when one is named."""
+    from .guard.check import Guard
+    from .guard.policy import load_profile
+
+    return Guard(load_profile(args.guard), judge=_judge(args), judge_mode=args.judge_mode)
+
+
+def _judge(args):
+    if not args.judge:
+        return None
+    from .guard.judge import open_judge
+
+    return open_judge(args.judge, args.judge_model, args.judge_style, os.environ.get("GROKSTACK_JUDGE_API_KEY"))
 
 
 def default_data_dir() -> Path:
@@ -417,7 +445,7 @@ def _serve(args, lm) -> None:
     state_dir = Path(args.state_dir)
     guard = GuardSettings(profile=args.guard, block_style=args.guard_block_style,
                           audit_path=Path(args.audit_log) if args.audit_log else state_dir / "guard-audit.jsonl",
-                          audit_content=args.audit_content)
+                          audit_content=args.audit_content, judge=_judge(args), judge_mode=args.judge_mode)
     check_guard_profile(args.guard, lm.config)
     settings = Settings(
         model_id=model_id, aliases=aliases, api_keys=args.api_key, keys_file=args.api_keys_file, rpm=args.rpm,
@@ -428,9 +456,6 @@ def _serve(args, lm) -> None:
 
 
 def cmd_moderate(args) -> int:
-    from .guard.check import Guard
-    from .guard.policy import load_profile
-
     text = sys.stdin.buffer.read() if args.text == "-" else args.text
     if isinstance(text, bytes):
         try:
@@ -441,7 +466,7 @@ def cmd_moderate(args) -> int:
         raise InvalidArgumentError("nothing to check: the text is empty")
     if len(text) > MAX_MODERATE_CHARS:
         raise InvalidArgumentError(f"the text has {len(text)} characters; at most {MAX_MODERATE_CHARS} are checked")
-    verdict = Guard(load_profile(args.guard)).check(text, direction=args.direction)
+    verdict = _guard(args).check(text, direction=args.direction)
     if args.json:
         print(json.dumps(verdict.to_dict(), indent=2))
     else:
@@ -451,12 +476,10 @@ def cmd_moderate(args) -> int:
 
 
 def cmd_guard_eval(args) -> int:
-    from .guard.check import Guard
     from .guard.evaluate import evaluate, format_table
-    from .guard.policy import load_profile
 
     data = Path(args.data or os.environ.get("GROKSTACK_SAFETY_DATA") or _shared_safety_dir())
-    report = evaluate(data, Guard(load_profile(args.guard)))
+    report = evaluate(data, _guard(args), limit=args.limit)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_table(report))
     return 0
 

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import InvalidArgumentError
+from ..errors import ConfigError, GrokstackError, InvalidArgumentError
+from .judge import Judge
 from .normalize import normalize
 from .policy import ACTION_RANK, DEFAULT_PROFILE, DIRECTIONS, Profile, load_profile
 from .rules import CODES, SIGNALS, Hit, canonical, find_hits, find_pii, neutralize
@@ -35,6 +36,7 @@ GUARD_VERSION = "guard-0.1.0"  # bump when rules, normalisation or the decision 
 MAX_SCAN_CHARS = 64 * 1024
 MAX_CONTEXT_CHARS = 16 * 1024  # system + user turns checked together by check_messages
 REDACTED = "[redacted]"
+JUDGE_MODES = ("max", "decide")
 
 
 class Scorer(Protocol):
@@ -49,7 +51,7 @@ class Verdict:
     scores: dict[str, float]  # every code S1..S14 plus the signals pii, secret, profanity
     hits: list[Hit] = field(default_factory=list)  # rule hits, plus one "classifier" hit per code over threshold
     spans: list[tuple[int, int]] = field(default_factory=list)  # rule-hit spans of flagged codes in the main view
-    stage: str = "none"  # what decided: rules | classifier | none
+    stage: str = "none"  # what decided: rules | classifier | judge | none
     guard_version: str = GUARD_VERSION
     profile: str = ""
     direction: str = "input"
@@ -63,19 +65,27 @@ class Verdict:
 
 
 class Guard:
-    """Checks text against a profile with the rules and, when available, the seed-trained classifier.
+    """Checks text against a profile with the rules, the seed-trained classifier and an optional LLM judge.
 
     `classifier`: any object with `.scores(text) -> {"S1": p, ...}`; None loads
     `grokstack.guard.classifier.default_classifier()` on first use (rules only if that module is missing).
     `use_classifier=False` runs the rules alone.
+    `judge` (guard/judge.py) scores the main view in `judge_directions`. `judge_mode` "max" takes, per code,
+    the larger of classifier and judge (guardrails.md §4: a judge can only add flags); "decide" lets the judge
+    replace the classifier, so a strong judge also clears the classifier's false alarms (rules still apply).
+    A judge that fails (endpoint down, unreadable answer) is logged and skipped for that text.
     """
 
     def __init__(self, profile: Profile | str | Path = DEFAULT_PROFILE, classifier: Scorer | None = None,
-                 use_classifier: bool = True) -> None:
+                 use_classifier: bool = True, judge: Judge | None = None, judge_mode: str = "max",
+                 judge_directions: tuple[str, ...] = ("input",)) -> None:
+        if judge_mode not in JUDGE_MODES:
+            raise ConfigError(f"judge mode must be one of {', '.join(JUDGE_MODES)}, got {judge_mode!r}")
         self.profile = profile if isinstance(profile, Profile) else load_profile(profile)
         self._classifier = classifier
         self._load_default = classifier is None and use_classifier
         self._lock = threading.Lock()
+        self.judge, self.judge_mode, self.judge_directions = judge, judge_mode, judge_directions
 
     @property
     def classifier(self) -> Scorer | None:
@@ -105,7 +115,11 @@ class Guard:
         kept = {canonical(value) for value in keep or ()}
         hits = [hit for i, view in enumerate(views) for hit in find_hits(view, detectors=i == 0, view=i)]
         hits = [h for h in hits if h.code not in ("pii", "secret") or canonical(_value(views, h)) not in kept]
-        return self._decide(self._model_scores(views), hits, {i: len(v) for i, v in enumerate(views)}, direction)
+        model = self._model_scores(views)
+        if self.judge is not None and direction in self.judge_directions and not any(
+                h.severity == "high" for h in hits):  # a high rule hit decides alone: no need to ask
+            model = self._with_judge(model, views[0], direction)
+        return self._decide(model, hits, {i: len(v) for i, v in enumerate(views)}, direction)
 
     def check_messages(self, messages: Sequence[Any]) -> Verdict:
         """Input verdict for a chat: the last user turn, and all system + user text together (its last
@@ -132,8 +146,8 @@ class Guard:
             end = stop
         return "".join(out) + text[end:]
 
-    def _model_scores(self, views: list[str]) -> dict[str, tuple[float, int]]:
-        """Per code: (max classifier probability over the views, index of the view that gave it)."""
+    def _model_scores(self, views: list[str]) -> dict[str, tuple[float, int, str]]:
+        """Per code: (max classifier probability over the views, index of the view that gave it, "classifier")."""
         clf = self.classifier
         if clf is None:
             return {}
@@ -143,11 +157,31 @@ class Guard:
         best: dict[str, tuple[float, int]] = {}
         for i, row in enumerate(rows):
             for code, p in row.items():
-                if code in CODES and p > best.get(code, (-1.0, 0))[0]:
-                    best[code] = (float(p), i)
+                if code in CODES and p > best.get(code, (-1.0, 0, ""))[0]:
+                    best[code] = (float(p), i, "classifier")
         return best
 
-    def _decide(self, model: dict[str, tuple[float, int]], hits: list[Hit], lengths: dict[int, int],
+    def _with_judge(self, model: dict[str, tuple[float, int, str]], text: str,
+                    direction: str) -> dict[str, tuple[float, int, str]]:
+        """The classifier's scores merged with the judge's, per judge_mode; unchanged when the judge fails."""
+        try:
+            judged = self.judge.scores(text, direction)
+        except GrokstackError as e:
+            log.warning("guard judge skipped: %s", e)
+            return model
+        named = {code: p for code in CODES if (p := judged.get(code, 0.0)) > 0}
+        if not named and judged.get("unsafe", 0.0) > 0:  # unsafe, no code named: the classifier's top code
+            top = max(model, key=lambda c: model[c][0], default="S2")
+            named = {top: judged["unsafe"]}
+        if self.judge_mode == "decide":
+            return {code: (p, 0, "judge") for code, p in named.items()}
+        out = dict(model)
+        for code, p in named.items():
+            if p > out.get(code, (0.0, 0, ""))[0]:
+                out[code] = (p, 0, "judge")
+        return out
+
+    def _decide(self, model: dict[str, tuple[float, int, str]], hits: list[Hit], lengths: dict[int, int],
                 direction: str) -> Verdict:
         scores = dict.fromkeys((*CODES, *SIGNALS), 0.0)
         rule_best = dict.fromkeys(scores, 0.0)
@@ -156,13 +190,13 @@ class Guard:
         high = {hit.code for hit in hits if hit.severity == "high"}
         codes, action, deciding = [], "allow", None
         for code in scores:
-            p, view = model.get(code, (0.0, 0))
+            p, view, source = model.get(code, (0.0, 0, ""))
             scores[code] = max(rule_best[code], p)
             if code not in high and not (scores[code] > 0 and scores[code] >= self.profile.threshold(code)):
                 continue
             codes.append(code)
             if p >= self.profile.threshold(code) and p > 0:
-                hits.append(Hit(code, p, "classifier", "model", (0, lengths.get(view, 0)), view))
+                hits.append(Hit(code, p, source, "model", (0, lengths.get(view, 0)), view))
             code_action = self.profile.action(code, direction, high=code in high)
             key = (ACTION_RANK[code_action], code in high, scores[code])
             if deciding is None or key > deciding[0]:
@@ -170,8 +204,8 @@ class Guard:
         stage = "none"
         if deciding is not None:
             code = deciding[1]
-            stage = "rules" if code in high or rule_best[code] >= model.get(code, (0.0, 0))[0] else "classifier"
-        spans = sorted({h.span for h in hits if h.view == 0 and h.code in codes and h.rule != "classifier"})
+            stage = "rules" if code in high or rule_best[code] >= model.get(code, (0.0,))[0] else model[code][2]
+        spans = sorted({h.span for h in hits if h.view == 0 and h.code in codes and h.severity != "model"})
         return Verdict(action != "allow", action, codes, scores, hits, spans, stage, self.version, self.profile.name,
                        direction)
 

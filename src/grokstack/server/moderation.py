@@ -15,6 +15,7 @@ from pathlib import Path
 from ..guard.audit import AuditLog
 from ..guard.check import GUARD_VERSION, Guard, Verdict, message_text, pii_values
 from ..guard.injection import LinkFilter, domains_in
+from ..guard.judge import Judge
 from ..guard.policy import load_profile
 from ..guard.rules import CODES
 from ..guard.stream import StreamGuard
@@ -65,6 +66,8 @@ class GuardSettings:
     block_style: str = "refusal"  # "refusal": 200 with a refusal message; "error": 400 code content_filter
     audit_path: Path | None = None
     audit_content: bool = False  # store raw text in the audit log (off: hashes only)
+    judge: Judge | None = None  # optional LLM judge on user input (guard/judge.py)
+    judge_mode: str = "max"
 
 
 def check_guard_profile(profile: str, cfg) -> None:
@@ -91,7 +94,8 @@ class Guards:
     def for_profile(self, name: str | None) -> Guard:
         name = name or self.settings.profile
         if name not in self._guards:
-            self._guards[name] = Guard(load_profile(name), classifier=self.classifier)
+            self._guards[name] = Guard(load_profile(name), classifier=self.classifier, judge=self.settings.judge,
+                                       judge_mode=self.settings.judge_mode)
         return self._guards[name]
 
     def for_key(self, key: Key | None) -> Guard:

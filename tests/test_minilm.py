@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from grokstack import minilm as E
 from grokstack.errors import CheckpointError
-from grokstack.guard import embed as E
 
 FOLDER = E.model_dir()
 needs_model = pytest.mark.skipif(
