@@ -171,9 +171,15 @@ def test_default_classifier_caches_and_retrains_on_seed_change(tiny, tmp_path, m
 
 
 def test_default_classifier_uses_the_data_dir_env(tiny, tmp_path, monkeypatch):
+    monkeypatch.delenv("GROKSTACK_GUARD_CACHE", raising=False)
     monkeypatch.setenv("GROKSTACK_DATA_DIR", str(tmp_path))
     clf = default_classifier(seed_dir=tiny)
     assert artefact_path(clf.seed_hash).parent == tmp_path / "guard"
+    assert artefact_path(clf.seed_hash).is_file()
+    # GROKSTACK_GUARD_CACHE overrides where artefacts live (shared by processes with their own data dirs)
+    monkeypatch.setenv("GROKSTACK_GUARD_CACHE", str(tmp_path / "shared-cache"))
+    assert artefact_path(clf.seed_hash).parent == tmp_path / "shared-cache"
+    default_classifier(seed_dir=tiny)
     assert artefact_path(clf.seed_hash).is_file()
 
 
