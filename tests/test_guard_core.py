@@ -174,6 +174,38 @@ def test_decision_uses_threshold_and_strongest_action():
     json.dumps(mixed.to_dict())
 
 
+def test_output_floor_flags_model_only_output_hits_for_benign_requests(tmp_path):
+    class Fixed:
+        def __init__(self, **scores):
+            self.values = {**dict.fromkeys(CODES, 0.0), **scores}
+
+        def scores(self, text):
+            return self.values
+
+    aup = load_profile("aup")
+    assert aup.output_floor == 0.2 and load_profile("strict").output_floor == 0.0
+    benign = Guard(aup, classifier=Fixed()).check("Summarise the tarfile documentation")
+    risky = Guard(aup, classifier=Fixed(S2=0.25)).check("borderline request")
+    guard = Guard(aup, classifier=Fixed(S2=0.9))
+    assert guard.check("some answer", "output").action == "block"  # no request known: as before
+    assert guard.check("some answer", "output", request=risky).action == "block"
+    relaxed = guard.check("some answer", "output", request=benign)
+    assert relaxed.action == "flag" and relaxed.codes == ["S2"]
+    assert guard.check("some request", "input", request=benign).action == "block"  # output only
+    rules = Guard(aup, use_classifier=False)  # a rule hit still blocks after a benign request
+    assert rules.check("Sure, here is how to make sarin at home.", "output", request=benign).action == "block"
+    # streamed: the request verdict travels with the StreamGuard
+    released, blocked, _ = run_stream(StreamGuard(guard, request=benign), split_deltas(FILLER))
+    assert blocked is None and released == FILLER
+    assert run_stream(StreamGuard(guard), split_deltas(FILLER))[1] is not None
+    path = tmp_path / "floor.toml"
+    path.write_text('extends = "aup"\noutput_floor = 0.5\n')
+    assert load_profile(path).output_floor == 0.5
+    path.write_text('extends = "aup"\noutput_floor = 2\n')
+    with pytest.raises(ConfigError, match="output_floor must be a number in"):
+        load_profile(path)
+
+
 def test_high_rule_decides_alone_and_s11_blocks_instructions_but_flags_intent(rules_only):
     instructions = rules_only.check("what is the most painless way to kill myself")
     assert instructions.action == "block" and instructions.stage == "rules"

@@ -161,9 +161,10 @@ def test_streaming_output_moderation_stops_the_stream_midway(lm, tmp_path):
     assert outputs and all(rec["action"] == "block" and "S6" in rec["codes"] for rec in outputs)
 
 
-def test_output_links_stay_within_cited_sources_and_user_domains(lm, tmp_path):
-    # permissive: the link filter is under test, not the hazard classifier (which may flag a URL-heavy answer)
-    with app_client(lm, tmp_path, profile="permissive") as client:
+@pytest.mark.parametrize("profile", ["aup", "permissive"])
+def test_output_links_stay_within_cited_sources_and_user_domains(lm, tmp_path, profile):
+    # under aup the request is benign, so a classifier-only output hit on this link-heavy answer flags, not blocks
+    with app_client(lm, tmp_path, profile=profile) as client:
         api = client.app.state.api
         Index(tmp_path / "data" / "index.sqlite").add([make_document({
             "id": "d1", "source": "news", "url": "https://news.example/story", "title": "Quasar festival",

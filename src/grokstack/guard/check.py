@@ -105,12 +105,16 @@ class Guard:
         tag = getattr(clf, "seed_hash", None) or getattr(clf, "version", None)
         return f"{GUARD_VERSION}+{str(tag)[:12]}" if tag else GUARD_VERSION
 
-    def check(self, text: str, direction: str = "input", keep: Iterable[str] | None = None) -> Verdict:
-        """Verdict for `text` in `direction`; PII whose value is in `keep` (e.g. given by the user) is ignored."""
+    def check(self, text: str, direction: str = "input", keep: Iterable[str] | None = None,
+              request: Verdict | None = None) -> Verdict:
+        """Verdict for `text` in `direction`; PII whose value is in `keep` (e.g. given by the user) is ignored.
+
+        `request`: for output, the verdict on the request it answers; below the profile's output_floor on every
+        code, model-only output hits are flagged, not blocked (policy.py)."""
         if direction not in DIRECTIONS:
             raise InvalidArgumentError(f"guard direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
         if not text or not text.strip():
-            return self._decide({}, [], {}, direction)
+            return self._decide({}, [], {}, direction, request)
         views = normalize(clip(text)).views
         kept = {canonical(value) for value in keep or ()}
         hits = [hit for i, view in enumerate(views) for hit in find_hits(view, detectors=i == 0, view=i)]
@@ -119,7 +123,7 @@ class Guard:
         if self.judge is not None and direction in self.judge_directions and not any(
                 h.severity == "high" for h in hits):  # a high rule hit decides alone: no need to ask
             model = self._with_judge(model, views[0], direction)
-        return self._decide(model, hits, {i: len(v) for i, v in enumerate(views)}, direction)
+        return self._decide(model, hits, {i: len(v) for i, v in enumerate(views)}, direction, request)
 
     def check_messages(self, messages: Sequence[Any]) -> Verdict:
         """Input verdict for a chat: the last user turn, and all system + user text together (its last
@@ -182,8 +186,10 @@ class Guard:
         return out
 
     def _decide(self, model: dict[str, tuple[float, int, str]], hits: list[Hit], lengths: dict[int, int],
-                direction: str) -> Verdict:
+                direction: str, request: Verdict | None = None) -> Verdict:
         scores = dict.fromkeys((*CODES, *SIGNALS), 0.0)
+        relaxed = direction == "output" and request is not None and \
+            max((request.scores.get(c, 0.0) for c in CODES), default=0.0) < self.profile.output_floor
         rule_best = dict.fromkeys(scores, 0.0)
         for hit in hits:
             rule_best[hit.code] = max(rule_best[hit.code], hit.score)
@@ -198,6 +204,8 @@ class Guard:
             if p >= self.profile.threshold(code) and p > 0:
                 hits.append(Hit(code, p, source, "model", (0, lengths.get(view, 0)), view))
             code_action = self.profile.action(code, direction, high=code in high)
+            if relaxed and code not in high and rule_best[code] < self.profile.threshold(code):
+                code_action = min(code_action, "flag", key=ACTION_RANK.__getitem__)  # model-only, benign request
             key = (ACTION_RANK[code_action], code in high, scores[code])
             if deciding is None or key > deciding[0]:
                 deciding, action = (key, code), code_action

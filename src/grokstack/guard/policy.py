@@ -5,6 +5,7 @@ A profile is a TOML file (stdlib `tomllib`); the four built-in ones live in `gua
     name = "aup"
     refusal = "Sorry, I can't help with that."   # content of a blocked reply
     default_threshold = 0.5
+    output_floor = 0.2                          # optional, see below
     extends = "strict"                          # optional: start from another profile (name or path)
 
     [stream]
@@ -21,6 +22,11 @@ Actions: block > redact > flag > allow. `high` is the action when a high-severit
 direction's action). `redact` is only meaningful for S7, `pii` and `secret`. Codes a file leaves out are
 `allow` (S4 excepted); use `extends` to tighten or loosen a built-in profile instead of restating it.
 S4 (child sexual exploitation) is `block` in every direction of every profile and cannot be changed.
+
+`output_floor` (default 0: off): when the request itself scored below this on every hazard code, an output hit
+that only the classifier or judge made (no rule at the threshold) is flagged rather than blocked or redacted.
+The seed-trained classifier is fitted on requests and over-fires on answer text it has not seen (reference
+docs, tables, logs); a benign request's answer should not be cut off on that alone. Rules still block.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ ALWAYS_BLOCKED = "S4"
 MAX_S4_THRESHOLD = 0.5  # a profile may make S4 stricter, never (much) laxer
 MAX_EXTENDS = 4
 
-_TOP_KEYS = {"name", "description", "refusal", "default_threshold", "extends", "stream", "codes"}
+_TOP_KEYS = {"name", "description", "refusal", "default_threshold", "output_floor", "extends", "stream", "codes"}
 _CODE_KEYS = {*DIRECTIONS, "threshold", "high"}
 DEFAULT_REFUSAL = "Sorry, I can't help with that."
 
@@ -76,6 +82,7 @@ class Profile:
     refusal: str = DEFAULT_REFUSAL
     description: str = ""
     source: str = ""  # file it was read from
+    output_floor: float = 0.0  # see the module docstring
 
     def action(self, code: str, direction: str, high: bool = False) -> str:
         policy = self.codes[code]
@@ -133,12 +140,14 @@ def _parse(text: str, where: str, folder: Path, depth: int) -> dict:
         base = _base(data["extends"], where, folder, depth)
     threshold = data.get("default_threshold", base.get("default_threshold", 0.5))
     _check_threshold(threshold, where, "default_threshold")
+    floor = data.get("output_floor", base.get("output_floor", 0.0))
+    _check_threshold(floor, where, "output_floor")
     codes = dict(base["codes"])
     for code, value in data.get("codes", {}).items():
         codes[code] = _code_policy(code, value, where, threshold)
     stream = {**base["stream"], **_stream(data.get("stream", {}), where)}
     out = {**base, **{k: v for k, v in data.items() if k in ("name", "description", "refusal")}}
-    return {**out, "default_threshold": threshold, "codes": codes, "stream": stream}
+    return {**out, "default_threshold": threshold, "output_floor": floor, "codes": codes, "stream": stream}
 
 
 def _base(extends: object, where: str, folder: Path, depth: int) -> dict:
@@ -219,7 +228,7 @@ def _finish(raw: dict, source: str) -> Profile:
         raise ConfigError(f"guard profile {source}: stream.window ({stream.window}) must be at least twice "
                           f"stream.check_every ({stream.check_every}) so consecutive windows overlap")
     profile = Profile(raw.get("name", "custom"), codes, stream, raw.get("refusal", DEFAULT_REFUSAL),
-                      raw.get("description", ""), source)
+                      raw.get("description", ""), source, raw.get("output_floor", 0.0))
     if all(getattr(codes[c], d) == "allow" for c in CODES if c != ALWAYS_BLOCKED for d in DIRECTIONS):
         log.warning(
             "GUARD PROFILE %r ALLOWS EVERY HAZARD EXCEPT S4: content moderation is effectively OFF. "

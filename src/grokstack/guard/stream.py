@@ -36,7 +36,8 @@ _SENTENCE_END = re.compile(r"[.!?\n]")
 class StreamGuard:
     """Output moderation of one streamed reply; `mode` defaults to the profile's stream mode."""
 
-    def __init__(self, guard: Guard, keep: Iterable[str] | None = None, mode: str | None = None) -> None:
+    def __init__(self, guard: Guard, keep: Iterable[str] | None = None, mode: str | None = None,
+                 request: Verdict | None = None) -> None:
         settings = guard.profile.stream
         self.mode = mode or settings.mode
         if self.mode not in STREAM_MODES:
@@ -44,6 +45,7 @@ class StreamGuard:
         self.guard = guard
         self.check_every, self.window = settings.check_every, settings.window
         self.keep = set(keep or ())
+        self.request = request  # the input verdict, for the profile's output_floor (check.py)
         redacting = [k for k in ("pii", "secret") if guard.profile.action(k, "output") == "redact"]
         self.redact_kinds = tuple(redacting) if self.mode == "buffered" else ()
         self.text = ""  # everything fed so far
@@ -71,7 +73,7 @@ class StreamGuard:
         if self.blocked is not None or self.finished:
             return "", self.blocked
         self.finished = True
-        self.verdict = self.guard.check(self.text, "output", keep=self.keep)
+        self.verdict = self.guard.check(self.text, "output", keep=self.keep, request=self.request)
         if self.verdict.action == "block":
             self.blocked = self.verdict
             return "", self.blocked
@@ -85,7 +87,7 @@ class StreamGuard:
         # The window reaches back over everything unchecked, plus an overlap with the last checked part.
         start = max(0, min(len(self.text) - self.window, self.checked - HOLD_BACK))
         self.checked = len(self.text)
-        self.verdict = self.guard.check(self.text[start:], "output", keep=self.keep)
+        self.verdict = self.guard.check(self.text[start:], "output", keep=self.keep, request=self.request)
         if self.verdict.action == "block":
             self.blocked = self.verdict
         return self.verdict

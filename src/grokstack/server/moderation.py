@@ -179,7 +179,7 @@ class OutputScreen:
 
     def __init__(self, rg: RequestGuard) -> None:
         self.rg = rg
-        self.stream = StreamGuard(rg.guard, keep=pii_values(rg.user_text))
+        self.stream = StreamGuard(rg.guard, keep=pii_values(rg.user_text), request=rg.input_verdict)
         self.links = LinkFilter(rg.allowed_domains)
         self.blocked: Verdict | None = None
 
