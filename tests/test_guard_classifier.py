@@ -24,7 +24,7 @@ from grokstack.guard.classifier import (
 from grokstack.guard.policy import load_profile
 from grokstack.guard.seed_data import CODES, FAMILIES, SENTENCE_FILES, build_examples
 
-from .conftest import SHARED
+from .conftest import ROOT, SHARED
 
 SAFETY = SHARED / "data" / "safety"
 
@@ -340,6 +340,18 @@ def aup_guard(real):
 def test_ordinary_answers_are_not_blocked(aup_guard, answer):
     verdict = aup_guard.check(answer, "output")
     assert verdict.action != "block", (answer[:60], verdict.codes)
+
+
+def test_reference_text_is_rarely_blocked_as_output(aup_guard):
+    """Paragraphs of this repository's README (never seed data), checked as model output: few are blocked on
+    their own (its guard section names hazards on purpose), none after a benign request (output_floor)."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", (ROOT / "README.md").read_text()) if len(p.strip()) > 200]
+    assert len(paragraphs) >= 15
+    blocked = [p[:60] for p in paragraphs if aup_guard.check(p, "output").action == "block"]
+    # measured 3 of 28 (spec + README paragraphs: 28 % before the answer-shaped seed lines, 3.8 % after)
+    assert len(blocked) <= 0.2 * len(paragraphs), blocked
+    request = aup_guard.check("Can you explain how this project works?")
+    assert not [p for p in paragraphs if aup_guard.check(p, "output", request=request).action == "block"]
 
 
 def test_harmful_answer_is_still_blocked(aup_guard):

@@ -119,7 +119,7 @@ class Guard:
         kept = {canonical(value) for value in keep or ()}
         hits = [hit for i, view in enumerate(views) for hit in find_hits(view, detectors=i == 0, view=i)]
         hits = [h for h in hits if h.code not in ("pii", "secret") or canonical(_value(views, h)) not in kept]
-        model = self._model_scores(views)
+        model = self._model_scores(views, semantic="always" if direction == "input" else "confirm")
         if self.judge is not None and direction in self.judge_directions and not any(
                 h.severity == "high" for h in hits):  # a high rule hit decides alone: no need to ask
             model = self._with_judge(model, views[0], direction)
@@ -150,14 +150,18 @@ class Guard:
             end = stop
         return "".join(out) + text[end:]
 
-    def _model_scores(self, views: list[str]) -> dict[str, tuple[float, int, str]]:
-        """Per code: (max classifier probability over the views, index of the view that gave it, "classifier")."""
+    def _model_scores(self, views: list[str], semantic: str = "always") -> dict[str, tuple[float, int, str]]:
+        """Per code: (max classifier probability over the views, index of the view that gave it, "classifier").
+
+        The classifier's sentence encoder runs on every user input ("always"). Output windows (checked every
+        ~200 characters) and retrieved documents (several per request) get it only to confirm a window that
+        TF-IDF finds suspicious ("confirm"): an encoder pass costs tens of milliseconds, TF-IDF about one."""
         clf = self.classifier
         if clf is None:
             return {}
         texts = [neutralize(view) for view in views]
         many = getattr(clf, "scores_many", None)
-        rows = many(texts) if many is not None else [clf.scores(t) for t in texts]
+        rows = many(texts, semantic=semantic) if many is not None else [clf.scores(t) for t in texts]
         best: dict[str, tuple[float, int]] = {}
         for i, row in enumerate(rows):
             for code, p in row.items():
