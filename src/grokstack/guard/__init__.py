@@ -7,8 +7,9 @@ See `../shared/spec/guardrails.md`. Typical use::
     if verdict.action == "block": ...
     stream = StreamGuard(guard, keep=pii_values(last_user_text))
 
-The classifier (`guard.classifier`), injection defences (`guard.injection`) and the audit log
-(`guard.audit`) are imported from their own modules so that importing this package stays cheap.
+The classifier (`guard.classifier`), the optional LLM judge (`guard.judge`), injection defences
+(`guard.injection`) and the audit log (`guard.audit`) are imported from their own modules so that importing
+this package stays cheap.
 """
 
 from .check import GUARD_VERSION, MAX_SCAN_CHARS, Guard, Scorer, Verdict, clip, message_text, pii_values

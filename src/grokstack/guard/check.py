@@ -22,13 +22,15 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError, GrokstackError, InvalidArgumentError
-from .judge import Judge
 from .normalize import normalize
 from .policy import ACTION_RANK, DEFAULT_PROFILE, DIRECTIONS, Profile, load_profile
 from .rules import CODES, SIGNALS, Hit, canonical, find_hits, find_pii, neutralize
+
+if TYPE_CHECKING:  # the judge module pulls in httpx; a Guard without a judge never needs it
+    from .judge import Judge
 
 log = logging.getLogger("grokstack.guard")
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grokstack.errors import ConfigError
+from grokstack.guard.rules import CODES
 
 SEED_DIR = Path(__file__).with_name("seed")
-CODES = tuple(f"S{i}" for i in range(1, 15))
 SLOT = re.compile(r"\{(\w+)\}")
 SLOT_COPIES = 4  # a hand-written line holding {slots} is expanded this many times
 
