@@ -46,6 +46,16 @@ class FakeClassifier:
         return out
 
 
+class Fixed:
+    """Fixed classifier scores, so the decision is what is tested."""
+
+    def __init__(self, **scores):
+        self.values = {**dict.fromkeys(CODES, 0.0), **scores}
+
+    def scores(self, text):
+        return self.values
+
+
 @pytest.fixture
 def guard():
     return Guard("aup", classifier=FakeClassifier())
@@ -157,13 +167,6 @@ def test_fiction_context_lowers_medium_rules_but_not_high_ones(rules_only):
 
 
 def test_decision_uses_threshold_and_strongest_action():
-    class Fixed:
-        def __init__(self, **scores):
-            self.values = {**dict.fromkeys(CODES, 0.0), **scores}
-
-        def scores(self, text):
-            return self.values
-
     aup = load_profile("aup")
     below = Guard(aup, classifier=Fixed(S2=aup.threshold("S2") - 0.01)).check("hello there")
     assert below.action == "allow" and below.codes == [] and not below.flagged
@@ -175,13 +178,6 @@ def test_decision_uses_threshold_and_strongest_action():
 
 
 def test_output_floor_flags_model_only_output_hits_for_benign_requests(tmp_path):
-    class Fixed:
-        def __init__(self, **scores):
-            self.values = {**dict.fromkeys(CODES, 0.0), **scores}
-
-        def scores(self, text):
-            return self.values
-
     aup = load_profile("aup")
     assert aup.output_floor == 0.2 and load_profile("strict").output_floor == 0.0
     benign = Guard(aup, classifier=Fixed()).check("Summarise the tarfile documentation")
