@@ -55,8 +55,10 @@ class FixedJudge:
         return {"unsafe": 0.0, **{f"S{i}": 0.0 for i in range(1, 15)}, **self.result}
 
 
-def scripted_endpoint(answer: str, top: list[tuple[str, float]] | None = None, status: int = 200):
-    """An httpx client whose transport answers every chat completion with `answer` and records the bodies."""
+def scripted_endpoint(answer: str, top: list[tuple[str, float]] | None = None, status: int = 200,
+                      lead: str = ""):
+    """An httpx client whose transport answers every chat completion with `answer` and records the bodies;
+    `lead` is a whitespace token sent before the answer's first word (as Llama Guard 3 does)."""
     seen = []
 
     def handle(request: httpx.Request) -> httpx.Response:
@@ -65,9 +67,12 @@ def scripted_endpoint(answer: str, top: list[tuple[str, float]] | None = None, s
             return httpx.Response(status, json={"error": {"message": "down"}})
         logprobs = None
         if top is not None:
-            logprobs = {"content": [{"token": top[0][0], "logprob": math.log(top[0][1]),
-                                     "top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in top]}]}
-        return httpx.Response(200, json={"choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+            first = {"token": top[0][0], "logprob": math.log(top[0][1]),
+                     "top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in top]}
+            lead_token = [{"token": lead, "logprob": 0.0, "top_logprobs": [{"token": lead, "logprob": 0.0}]}]
+            logprobs = {"content": (lead_token if lead else []) + [first]}
+        return httpx.Response(200, json={"choices": [{"index": 0, "message": {"role": "assistant",
+                                                                              "content": lead + answer},
                                                       "logprobs": logprobs, "finish_reason": "stop"}]})
 
     return httpx.Client(transport=httpx.MockTransport(handle)), seen
@@ -123,6 +128,12 @@ def test_endpoint_judge_llama_guard_style_sends_the_conversation():
     judge.scores("Here is the recipe.", "output")
     assert seen[1]["messages"] == [{"role": "user", "content": OUTPUT_PLACEHOLDER},
                                    {"role": "assistant", "content": "Here is the recipe."}]
+
+
+def test_endpoint_judge_reads_the_first_word_after_leading_whitespace():
+    client, _ = scripted_endpoint("unsafe\nS10", top=[("unsafe", 0.7), ("safe", 0.3)], lead="\n\n")
+    scores = EndpointJudge("http://judge.local/v1", client=client).scores("x")
+    assert scores["S10"] == pytest.approx(0.7) and scores["unsafe"] == pytest.approx(0.7)
 
 
 def test_endpoint_judge_prompt_style_and_answers_without_logprobs():

@@ -142,8 +142,10 @@ class EndpointJudge:
         unsafe, codes = parse_verdict(answer)
         if unsafe is None:
             raise InvalidArgumentError(f"guard judge answered neither safe nor unsafe: {answer[:80]!r}")
+        # the first token that is not whitespace: Llama Guard 3 starts its answer with "\n\n"
         content = (choice.get("logprobs") or {}).get("content") or []
-        p = first_token_p(content[0].get("top_logprobs") or []) if content else None
+        first = next((t for t in content if str(t.get("token", "")).strip()), None)
+        p = first_token_p(first.get("top_logprobs") or []) if first else None
         return spread(float(unsafe) if p is None else p, codes)
 
 
