@@ -22,22 +22,20 @@ from pathlib import Path
 
 import torch
 
-from grokstack.config import from_hf_config
 from grokstack.generate import stream_batch
 from grokstack.model import Experts
 from grokstack.quant import QuantExperts, model_bytes, quantize_model
 from grokstack.sampling import SamplingParams
-from grokstack.tiny import random_model, tiny_grok2_hf_config
+from grokstack.tiny import random_model, tiny_config
 
 
 def bench_config():
-    cfg = tiny_grok2_hf_config()
-    cfg.update(
+    return tiny_config(
+        "grok-2",
         vocab_size=16384, hidden_size=512, num_hidden_layers=3, head_dim=64, num_attention_heads=8,
         num_key_value_heads=2, intermediate_size=1536, moe_intermediate_size=768, max_position_embeddings=4096,
         attn_temperature_len=64,
     )
-    return from_hf_config(cfg)
 
 
 def copy_bandwidth() -> float:

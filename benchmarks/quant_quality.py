@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from grokstack.config import from_hf_config
 from grokstack.quant import model_bytes, quality, quantize_model
-from grokstack.tiny import random_model, tiny_config, tiny_grok2_hf_config
+from grokstack.tiny import random_model, tiny_config
 
 SAMPLE = """\
 The lighthouse stood on a spit of black rock at the mouth of the harbour, and for ninety years a keeper had \
@@ -68,13 +67,12 @@ MODES = [("int8", 128), ("int4", 32), ("int4", 128), ("fp8", 128)]
 
 def wide_config():
     """Grok-2's shape (sandwich norms, residual MoE, 8 experts top-2) at hidden size 1024."""
-    cfg = tiny_grok2_hf_config()
-    cfg.update(
+    return tiny_config(
+        "grok-2",
         vocab_size=4096, hidden_size=1024, num_hidden_layers=4, head_dim=128, num_attention_heads=8,
         num_key_value_heads=2, intermediate_size=2048, moe_intermediate_size=1024, max_position_embeddings=1024,
         attn_temperature_len=64,
     )
-    return from_hf_config(cfg)
 
 
 def models(only: str | None):

@@ -11,6 +11,7 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,8 +51,13 @@ def tiny_grok1_json() -> dict:
     }
 
 
-def tiny_config(arch: str) -> ModelConfig:
-    return from_grok1_json(tiny_grok1_json()) if arch == "grok-1" else from_hf_config(tiny_grok2_hf_config())
+def tiny_config(arch: str, **hf_fields: Any) -> ModelConfig:
+    """The tiny config of `arch`; for grok-2, `hf_fields` change HF config.json fields (a wider bench model)."""
+    if arch == "grok-1":
+        if hf_fields:
+            raise InvalidArgumentError("field overrides apply to the grok-2 HF config only")
+        return from_grok1_json(tiny_grok1_json())
+    return from_hf_config({**tiny_grok2_hf_config(), **hf_fields})
 
 
 @torch.no_grad()
