@@ -164,7 +164,7 @@ class Guard:
         texts = [neutralize(view) for view in views]
         many = getattr(clf, "scores_many", None)
         rows = many(texts, semantic=semantic) if many is not None else [clf.scores(t) for t in texts]
-        best: dict[str, tuple[float, int]] = {}
+        best: dict[str, tuple[float, int, str]] = {}
         for i, row in enumerate(rows):
             for code, p in row.items():
                 if code in CODES and p > best.get(code, (-1.0, 0, ""))[0]:

@@ -15,10 +15,11 @@ Calibration and per-code thresholds (`Classifier.thresholds`) use a held-out spl
 seed item (all frames around one item fall on the same side), so the held-out scores measure generalisation
 to unseen topics rather than to new wording of a known one. Nothing is fitted on evaluation sets.
 
-Training is deterministic; with embeddings it costs about 70 s on two idle cores (embedding ~18k seed texts
-takes 40 of them). `default_classifier()` caches the trained artefact under `$GROKSTACK_DATA_DIR/guard/`,
-keyed by CLASSIFIER_VERSION, whether embeddings were used, the SHA-256 of the expanded seed set and the
-scikit-learn version. Inference: ~0.2 ms of TF-IDF plus one encoder pass (~7-10 ms for a short prompt).
+Training is deterministic; with embeddings it costs about 70-110 s on two idle cores (embedding ~19k seed texts
+takes about 55 of them). `default_classifier()` caches the trained artefact under `$GROKSTACK_GUARD_CACHE`
+(default `$GROKSTACK_DATA_DIR/guard/`), keyed by CLASSIFIER_VERSION, whether embeddings were used, the SHA-256
+of the expanded seed set and the scikit-learn version. Inference: ~0.2 ms of TF-IDF plus one encoder pass
+(~9-12 ms for a short prompt).
 """
 
 from __future__ import annotations
@@ -124,31 +125,6 @@ class Classifier:
             s.update({c: float(v) for c, v in zip(self.codes, best, strict=True)})
             out.append(s)
         return out
-
-    def unsafe(self, text: str) -> float:
-        """The gate alone: probability that the text belongs to any hazard code."""
-        return float(self.window_probs([text])[0][:, 0].max())
-
-    def flagged_codes(self, text: str) -> list[str]:
-        """Codes whose score reaches this classifier's own seed-calibrated threshold."""
-        s = self.scores(text)
-        return [c for c in self.codes if s[c] >= self.thresholds[c]]
-
-    def code_probs(self, text: str) -> np.ndarray:
-        """Composed per-code scores [C] of the text as one piece (no windows)."""
-        p = self.probs(text)  # [1 + C]
-        return compose(p[0], p[1:])
-
-    def probs(self, text: str) -> np.ndarray:
-        """Calibrated column probabilities [1 + C] of the text as one piece (no windows)."""
-        return self.probs_many([text])[0]
-
-    def probs_many(self, texts: list[str]) -> np.ndarray:
-        z = np.array([self.margins(t) for t in texts]).reshape(len(texts), -1)  # [N, 1 + C]
-        e = self.embeddings(texts)
-        if e is None:
-            return self.platt_probs(z)
-        return self.semantic.probs(z, self.semantic.margins(e))
 
     def window_probs(self, texts: list[str], semantic: str = "always") -> list[np.ndarray]:
         """Per text, calibrated probabilities [W, 1 + C] of the windows it is scored on.
@@ -298,10 +274,11 @@ def fit_logreg(x, y: np.ndarray) -> LogisticRegression:
     return model.fit(x, y)
 
 
-def fit_platt(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Sigmoid calibration of held-out margins: a 1-feature logistic regression, lightly regularised."""
-    model = LogisticRegression(C=100.0, solver="lbfgs", max_iter=500).fit(z.reshape(-1, 1), y)
-    return float(model.coef_[0, 0]), float(model.intercept_[0])
+def fit_sigmoid(features: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
+    """Sigmoid calibration of held-out margins [N, F]: a lightly regularised F-feature logistic regression;
+    returns its F weights and the intercept (Platt for one margin, stacking for two)."""
+    model = LogisticRegression(C=100.0, solver="lbfgs", max_iter=500).fit(features, y)
+    return (*(float(w) for w in model.coef_[0]), float(model.intercept_[0]))
 
 
 def choose_threshold(p: np.ndarray, y: np.ndarray, safe: np.ndarray) -> float:
@@ -380,7 +357,7 @@ def train_classifier(examples: list[Example] | None = None, seed_dir: Path | Non
             model = fit_logreg(x[fit_rows], y[fit_rows])
             held_z[:, j] = model.decision_function(x[test])
             if 0 < y[eval_rows].sum() < eval_rows.sum():
-                platt[j] = fit_platt(held_z[rows[test], j], y[eval_rows])
+                platt[j] = fit_sigmoid(held_z[rows[test], j, None], y[eval_rows])
         if 0 < y[rows].sum() < rows.sum():
             model = fit_logreg(x[rows], y[rows])
             weights[:, j], bias[j] = model.coef_[0], model.intercept_[0]
@@ -425,15 +402,9 @@ def fit_semantic(e: np.ndarray, targets: list[tuple[np.ndarray, np.ndarray]], te
         for j in range(y.shape[1]):
             keep, yj = rows[test, j], y[test, j]
             if 0 < yj[keep].sum() < keep.sum():
-                stack[j] = fit_stack(held_z[keep, j], zm[keep, j], yj[keep])
+                stack[j] = fit_sigmoid(np.c_[held_z[keep, j], zm[keep, j]], yj[keep])
         held_p = sigmoid(stack[:, 0] * held_z + stack[:, 1] * zm + stack[:, 2])
     return SemanticHead(*fit_mlp(e, y, rows), stack.astype(np.float32)), held_p
-
-
-def fit_stack(z_tfidf: np.ndarray, z_mlp: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Stacking weights (a, b, c): a 2-feature logistic regression on held-out margins, lightly regularised."""
-    model = LogisticRegression(C=100.0, solver="lbfgs", max_iter=500).fit(np.c_[z_tfidf, z_mlp], y)
-    return float(model.coef_[0, 0]), float(model.coef_[0, 1]), float(model.intercept_[0])
 
 
 def fit_mlp(e: np.ndarray, y: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, ...]:
