@@ -466,6 +466,8 @@ def save_quantized(model: Transformer, out_dir: str | Path, max_shard_bytes: int
     `<release name>.qweight/.scales/.zeros` in storage form, and config.json with a `quantization` entry."""
     from safetensors.torch import save_file
 
+    from .loading.safetensors_folder import shard_files, write_shard_index
+
     spec = quant_spec(model)
     if spec is None:
         raise InvalidArgumentError("the model is not quantized; call quantize_model first")
@@ -480,30 +482,22 @@ def save_quantized(model: Transformer, out_dir: str | Path, max_shard_bytes: int
         shapes = storage_shapes(spec, module.out_features, module.in_features)
         size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
         items.append((size, lambda name=name, m=module, e=e: {f"{name}.{p}": t for p, t in m.storage(e).items()}))
-    shards: list[list] = [[]]
-    total = 0
-    for size, get in items:
-        if shards[-1] and total + size > max_shard_bytes:
-            shards.append([])
-            total = 0
-        shards[-1].append(get)
-        total += size
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    files = shard_files([size for size, _ in items], max_shard_bytes)
+    shards: dict[str, list] = defaultdict(list)
+    for (_, get), fname in zip(items, files, strict=True):
+        shards[fname].append(get)
     weight_map = {}
-    for fname, shard in zip(names, shards, strict=True):
+    for fname, shard in shards.items():
         # clone: views into one stacked buffer share storage, which safetensors refuses
         tensors = {key: t.detach().to("cpu").clone() for get in shard for key, t in get().items()}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, fname))
-    if n > 1:
-        index = {"metadata": {}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    write_shard_index(out, weight_map)
     config = model.cfg.to_hf_config()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     config["quantization"] = spec.to_json()
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return [out / f for f in names]
+    return [out / f for f in shards]
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:

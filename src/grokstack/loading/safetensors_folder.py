@@ -161,6 +161,26 @@ def _release_index(name: str) -> int:
     raise ValueError(name)
 
 
+def shard_files(sizes: list[int], max_shard_bytes: int) -> list[str]:
+    """The HF-style file each item goes to when items (of these byte sizes) fill shards in order:
+    `model.safetensors`, or `model-0000i-of-0000n.safetensors` when they need more than one."""
+    index, total, shard = [], 0, 0
+    for size in sizes:
+        if total and total + size > max_shard_bytes:
+            shard, total = shard + 1, 0
+        index.append(shard)
+        total += size
+    n = shard + 1
+    return ["model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in index]
+
+
+def write_shard_index(out: Path, weight_map: dict[str, str]) -> None:
+    """`model.safetensors.index.json` (tensor name -> file) when the tensors span more than one file."""
+    if len(set(weight_map.values())) > 1:
+        index = {"metadata": {}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
 def save_safetensors_folder(
     model: Transformer,
     out: Path,
@@ -187,21 +207,10 @@ def save_safetensors_folder(
             for k, piece in enumerate(t.chunk(preshard, dim=dim)):
                 groups[f"pytorch_model-{i:05d}-TP-{k:03d}.safetensors"][name] = piece.contiguous()
     else:
-        batches: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, t in cast.items():
-            nbytes = t.numel() * t.element_size()
-            if batches[-1] and size + nbytes > max_shard_bytes:
-                batches.append({})
-                size = 0
-            batches[-1][name] = t
-            size += nbytes
-        n = len(batches)
-        for i, batch in enumerate(batches):
-            groups["model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"] = batch
-        if n > 1:
-            index = {"metadata": {}, "weight_map": {k: f for f, b in groups.items() for k in b}}
-            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        files = shard_files([t.numel() * t.element_size() for t in cast.values()], max_shard_bytes)
+        for (name, t), fname in zip(cast.items(), files, strict=True):
+            groups[fname][name] = t
+        write_shard_index(out, dict(zip(cast, files, strict=True)))
     written = []
     for fname, tensors in sorted(groups.items()):
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
