@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", default=[k for k in [env("GROKSTACK_API_KEY")] if k],
                    help="accepted bearer key (repeatable; env GROKSTACK_API_KEY); none = open server")
     p.add_argument("--api-keys-file", default=env("GROKSTACK_API_KEYS"),
-                   help="file of keys, one per line: KEY [name=N] [rpm=N] [tpm=N] (env GROKSTACK_API_KEYS)")
+                   help="file of keys, one per line: KEY [name=N] [rpm=N] [tpm=N] [profile=P] [admin] "
+                        "(env GROKSTACK_API_KEYS)")
+    p.add_argument("--metrics-key", action="store_true",
+                   help="/metrics needs an admin key ('admin' in the keys file); default: public")
     p.add_argument("--rpm", type=int, default=int(env("GROKSTACK_RPM", "0")), help="requests/min per key (0 = off)")
     p.add_argument("--tpm", type=int, default=int(env("GROKSTACK_TPM", "0")), help="tokens/min per key (0 = off)")
     p.add_argument("--max-batch", type=int, default=int(env("GROKSTACK_MAX_BATCH", "16")),
@@ -450,7 +453,7 @@ def _serve(args, lm) -> None:
     settings = Settings(
         model_id=model_id, aliases=aliases, api_keys=args.api_key, keys_file=args.api_keys_file, rpm=args.rpm,
         tpm=args.tpm, error_style=args.error_style, state_dir=state_dir, data_dir=Path(args.data_dir),
-        search_results=args.search_results, guard=guard,
+        search_results=args.search_results, metrics_key=args.metrics_key, guard=guard,
     )
     serve(lm, engine, settings, args.host, args.port, args.grace)
 

@@ -56,6 +56,12 @@ class AuthenticationError(GrokstackError):
     http_status = 401
 
 
+class PermissionDeniedError(GrokstackError):
+    """A valid API key that may not do this (an admin-only route called with an ordinary key)."""
+
+    http_status = 403
+
+
 class RateLimitError(GrokstackError):
     """An API key used more requests or tokens per minute than it may."""
 

@@ -20,12 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from .. import __version__
 from ..engine import Engine, PromptLogprobs
-from ..errors import ContentFilterError, GrokstackError, InvalidArgumentError, NotFoundError, OverloadedError
+from ..errors import (
+    ConfigError,
+    ContentFilterError,
+    GrokstackError,
+    InvalidArgumentError,
+    NotFoundError,
+    OverloadedError,
+)
 from ..generate import Event, TokenLogprob
 from ..lm import LM
 from ..sampling import SamplingParams
@@ -63,6 +70,7 @@ class Settings:
     state_dir: Path = Path(".grokstack")
     data_dir: Path | None = None  # live-search index (shared with `grokstack ingest` / `search`)
     search_results: bool = False  # add the Perplexity-like `search_results` list to every searched answer
+    metrics_key: bool = False  # /metrics needs an admin key (else it is public, for scrapers on a private network)
     guard: GuardSettings = field(default_factory=GuardSettings)
 
 
@@ -202,6 +210,8 @@ class Api:
         self.engine = engine
         self.settings = settings
         self.keys = Keys(settings.api_keys, settings.keys_file, settings.rpm, settings.tpm)
+        if settings.metrics_key and not self.keys.has_admin:
+            raise ConfigError("--metrics-key needs an admin key: mark one with 'admin' in the API keys file")
         self.metrics = Metrics()
         self.store = DeferredStore(Path(settings.state_dir) / "deferred.sqlite")
         self.index = Index(Path(settings.data_dir) / "index.sqlite") if settings.data_dir else None
@@ -682,13 +692,13 @@ class Api:
         return jobs
 
     # ------------------------------------------------------------------ deferred
-    def spawn_deferred(self, job_id: str, body: ChatCompletionRequest) -> None:
+    def spawn_deferred(self, job_id: str, body: ChatCompletionRequest, key: Key) -> None:
         async def run() -> None:
             try:
-                plan = await asyncio.to_thread(self.prepare_chat, body)
+                plan = await asyncio.to_thread(self.prepare_chat, body, key)
                 while True:
                     try:
-                        result = await self.chat_result(body, plan, None)
+                        result = await self.chat_result(body, plan, None, key)
                         break
                     except OverloadedError:  # the queue is full: a deferred job can wait its turn
                         await asyncio.sleep(1.0)
@@ -808,8 +818,8 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
-        for job_id, body in api.store.pending():  # jobs a previous run accepted but did not finish
-            api.spawn_deferred(job_id, ChatCompletionRequest.model_validate(body))
+        for job_id, body, owner in api.store.pending():  # jobs a previous run accepted but did not finish
+            api.spawn_deferred(job_id, ChatCompletionRequest.model_validate(body), api.keys.by_owner(owner))
         yield
         await asyncio.to_thread(engine.shutdown, 0.0)
         for task in list(api.tasks):
@@ -819,16 +829,22 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
         if api.index is not None:
             api.index.close()
 
-    app = FastAPI(title="grokstack", version=__version__, lifespan=lifespan)
+    # no /docs or /redoc: their pages load scripts from a CDN, which an offline server cannot reach
+    app = FastAPI(title="grokstack", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.api = api
     app.state.error_style = settings.error_style
     errors.install(app)
 
     app.add_middleware(Edge, limit=settings.max_body_bytes, style=settings.error_style, metrics=api.metrics)
 
+    async def caller(request: Request) -> Key:
+        """The request's key, checked before its body is validated: no key, no schema hints (401 before 422)."""
+        return api.authorize(request)
+
+    keyed = Depends(caller)
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        key = api.authorize(request)
+    async def chat_completions(body: ChatCompletionRequest, request: Request, key: Key = keyed):
         api.check_model(body.model)
         if body.deferred and body.stream:
             raise InvalidArgumentError("a deferred completion cannot stream")
@@ -839,16 +855,15 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
         if plan.refusal is not None:
             headers["x-grokstack-guard"] = f"action=block; codes={','.join(plan.refusal.codes)}"
         if body.deferred:
-            job_id = api.store.add(body.model_dump(mode="json"))
-            api.spawn_deferred(job_id, body)
+            job_id = api.store.add(body.model_dump(mode="json"), key.owner)
+            api.spawn_deferred(job_id, body, key)
             return JSONResponse({"request_id": job_id}, headers=headers)
         if body.stream:
             return await _sse_response(api.chat_stream(body, plan, request, key), headers)
         return JSONResponse(await api.chat_result(body, plan, request, key), headers=headers)
 
     @app.post("/v1/moderations")
-    async def moderations(body: ModerationRequest, request: Request):
-        key = api.authorize(request)
+    async def moderations(body: ModerationRequest, key: Key = keyed):
         guard = api.guards.for_key(key)
         texts = [body.input] if isinstance(body.input, str) else body.input
         verdicts = await asyncio.to_thread(lambda: [guard.check(t, direction="input") for t in texts])
@@ -856,8 +871,7 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
                 "results": [moderation_result(v) for v in verdicts]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        key = api.authorize(request)
+    async def completions(body: CompletionRequest, request: Request, key: Key = keyed):
         api.check_model(body.model)
         api.check_completion(body)
         prompts = api.completion_prompts(body)
@@ -868,40 +882,34 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
         return JSONResponse(await api.completion_result(body, prompts, request, key), headers=headers)
 
     @app.get("/v1/chat/deferred-completion/{request_id}")
-    async def deferred_completion(request_id: str, request: Request):
-        api.authorize(request)
-        state, status, result = api.store.take(request_id)
-        if state == "unknown":
+    async def deferred_completion(request_id: str, key: Key = keyed):
+        state, status, result = api.store.take(request_id, key)
+        if state == "unknown":  # also another owner's job: the same answer, so ids cannot be probed
             raise NotFoundError(f"no deferred completion {request_id!r} (unknown, already retrieved, or expired)")
         if state == "pending":
             return Response(status_code=202)
         return JSONResponse(result, status_code=status)
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        api.authorize(request)
+    async def models(key: Key = keyed):
         return {"object": "list", "data": [api.model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, request: Request):
-        api.authorize(request)
+    async def model(model_id: str, key: Key = keyed):
         api.check_model(model_id)
         return api.model_card()
 
     @app.get("/v1/language-models")
-    async def language_models(request: Request):
-        api.authorize(request)
+    async def language_models(key: Key = keyed):
         return {"models": [api.language_model()]}
 
     @app.get("/v1/language-models/{model_id:path}")
-    async def language_model(model_id: str, request: Request):
-        api.authorize(request)
+    async def language_model(model_id: str, key: Key = keyed):
         api.check_model(model_id)
         return api.language_model()
 
     @app.post("/v1/tokenize-text")
-    async def tokenize_text(body: TokenizeTextRequest, request: Request):
-        api.authorize(request)
+    async def tokenize_text(body: TokenizeTextRequest, key: Key = keyed):
         if body.model is not None:
             api.check_model(body.model)
         ids = api.tok.encode(body.text, allow_special=False)
@@ -912,8 +920,7 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
         return {"token_ids": out}
 
     @app.get("/tokenizer_info")
-    async def tokenizer_info(request: Request):
-        api.authorize(request)
+    async def tokenizer_info(key: Key = keyed):
         tok = api.tok
         eos = tok.decode([tok.eos_id])
         bos_id = getattr(tok, "bos_id", None)
@@ -922,13 +929,11 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
                 "pad_token": eos, "chat_template": getattr(tok, "template", None), "vocab_size": tok.vocab_size}
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest, request: Request):
-        api.authorize(request)
+    async def tokenize(body: TokenizeRequest, key: Key = keyed):
         return {"tokens": api.tok.encode(body.prompt)}
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest, request: Request):
-        api.authorize(request)
+    async def detokenize(body: DetokenizeRequest, key: Key = keyed):
         if body.tokens and max(body.tokens) >= api.lm.config.vocab_size:
             raise InvalidArgumentError("token ids outside the vocabulary")
         return {"prompt": api.tok.decode(body.tokens)}
@@ -939,7 +944,9 @@ def create_app(lm: LM, engine: Engine, settings: Settings) -> FastAPI:
         return {"status": "ok", "model": settings.model_id, "running": s.running, "waiting": s.waiting}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        if settings.metrics_key:
+            api.keys.check_admin(request.headers.get("authorization"))
         return Response(api.metrics.render(engine, api.store), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
