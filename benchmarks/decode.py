@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from grokstack.generate import stream_batch
+from grokstack.lm import LM
 from grokstack.model import Experts
 from grokstack.quant import QuantExperts, model_bytes, quantize_model
 from grokstack.sampling import SamplingParams
@@ -62,14 +62,18 @@ def step_bytes(cfg, batch: int, elem: int) -> int:
 def run(model, batch: int, new_tokens: int) -> float:
     prompts = [[(7 * b + i) % 1000 + 10 for i in range(16)] for b in range(batch)]
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    start, steps = None, 0
-    for ev in stream_batch(model, None, prompts, params):
-        if ev.index == 0:
-            if start is None:
-                start = time.perf_counter()  # prefill done: time the decode loop only
-            steps += 1
+    lm = LM(model, None)
+    engine = lm._engine(prompts, [params] * batch)
+    first: list[int] = []
+    for p in prompts:
+        engine.submit(p, params, lambda ev: first.append(ev.token_id))
+    while not first:  # prefill (and the first tokens): time the decode steps only
+        engine.step()
+    start, steps = time.perf_counter(), 0
+    while engine.step():
+        steps += 1
     elapsed = time.perf_counter() - start
-    return batch * (steps - 1) / elapsed
+    return batch * steps / elapsed
 
 
 def decode_rates(engines: list, new_tokens: int, rounds: int = 3) -> list[float]:

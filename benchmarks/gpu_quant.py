@@ -33,7 +33,6 @@ from torch import nn
 
 from grokstack import quant
 from grokstack.config import grok2_preset
-from grokstack.kv_cache import KVCache
 from grokstack.loading.weights import empty_model
 from grokstack.model import MoE, rope_cos_sin
 from grokstack.quant import (
@@ -46,6 +45,7 @@ from grokstack.quant import (
     quantize_model,
     save_quantized,
 )
+from grokstack.runner import Stepper
 from grokstack.tiny import random_model, tiny_config
 
 START = time.perf_counter()
@@ -254,10 +254,10 @@ def kernels(model, device, reps: int, hbm: float) -> list[dict]:
 @torch.no_grad()
 def decode(model, device: torch.device, batch: int, steps: int, hbm: float, context: int = 64) -> dict:
     cfg = model.cfg
-    cache = KVCache(cfg, batch, context + steps + 8, torch.bfloat16, device)
-    g = torch.Generator(device=device).manual_seed(2)
-    prompt = torch.randint(3, cfg.vocab_size, (batch, context), generator=g, device=device)
-    model.hidden(prompt, torch.arange(context, device=device).expand(batch, context), cache)
+    cache = Stepper(model, batch, context + steps + 8)
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, cfg.vocab_size, (batch, context), generator=g)
+    cache.feed(prompt.tolist())
     used: list[int] = []
     routes = {}
     for m in model.modules():  # count the experts each step routes to (they are what a step reads)
@@ -270,10 +270,8 @@ def decode(model, device: torch.device, batch: int, steps: int, hbm: float, cont
                 return ids, w
 
             m.route = counting
-    tok = torch.full((batch, 1), 5, device=device)
-
-    def step(p: int) -> None:
-        model.logits(model.hidden(tok, torch.full((batch, 1), p, device=device), cache)[:, -1])
+    def step(p: int) -> None:  # one token per row; the rows' positions follow from what they were fed
+        cache.feed([[5]] * batch)
 
     for i in range(3):
         step(context + i)

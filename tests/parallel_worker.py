@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from grokstack.engine import Engine, PromptLogprobs
-from grokstack.kv_cache import KVCache
 from grokstack.lm import LM
+from grokstack.runner import Stepper
 from grokstack.sampling import SamplingParams
 
 # prompts (token ids) and choices per request: different lengths, one with n=2 (a copied cache row)
@@ -34,11 +34,9 @@ GENERATE_PROMPTS = [[11, 42, 250, 6], [301, 7, 7, 19, 88, 140, 23]]
 MAX_TOKENS = 6
 
 
-def engine_tokens(lm: LM, wrap=None) -> list[list[list[int]]]:
+def engine_tokens(lm: LM) -> list[list[list[int]]]:
     """Greedy tokens of ENGINE_PROMPTS, all submitted before the engine starts so they run batched."""
-    engine = Engine(lm, max_batch=4, max_model_len=48, prefill_chunk=8)
-    if wrap is not None:
-        engine.cache = wrap(engine.cache)
+    engine = Engine(lm, max_batch=4, max_model_len=48, prefill_chunk=8, block_size=4)
     events: queue.Queue = queue.Queue()
     for i, (prompt, n) in enumerate(ENGINE_PROMPTS):
         params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True) for _ in range(n)]
@@ -61,22 +59,22 @@ def engine_tokens(lm: LM, wrap=None) -> list[list[list[int]]]:
 
 
 def generate_tokens(lm: LM) -> list[list[int]]:
-    """generate.py's path (a KV cache it makes itself), twice: the followers must follow a new cache."""
+    """LM.generate's path (an engine of its own each call), twice: the followers must follow a new cache."""
     runs = [lm.generate(GENERATE_PROMPTS, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True) for _ in range(2)]
     return [c.token_ids for run in runs for c in run]
 
 
 @torch.no_grad()
 def logits_case(model, tokens: torch.Tensor, tail: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the whole batch without a cache, and of the last `tail` positions through a KV cache."""
+    """Logits of the whole batch without a cache, and of the last `tail` positions through a paged KV cache
+    (every rank runs both: the collectives pair up)."""
     B, T = tokens.shape
-    device = model.embed_tokens.weight.device
-    tokens = tokens.to(device)
-    full = model(tokens)
-    cache = KVCache(model.cfg, B, T, model.dtype, device)
-    pos = torch.arange(T, device=device).expand(B, T)
-    model.hidden(tokens[:, : T - tail], pos[:, : T - tail], cache)
-    return full.cpu(), model(tokens[:, T - tail :], pos[:, T - tail :], cache).cpu()
+    full = model(tokens.to(model.embed_tokens.weight.device))
+    cache = Stepper(model, B, T, block_size=4)
+    rows = tokens.tolist()
+    cache.feed([r[: T - tail] for r in rows])
+    tail_logits = cache.feed([r[T - tail :] for r in rows], "every")  # B x [tail, V]
+    return full.cpu(), torch.stack(tail_logits).cpu()
 
 
 def spread(x: torch.Tensor) -> float:
@@ -89,7 +87,7 @@ def spread(x: torch.Tensor) -> float:
 
 
 def main(spec_path: str) -> None:
-    from grokstack.parallel import Leader, follow, init_distributed, load_lm, load_sharded, shutdown_distributed
+    from grokstack.parallel import follow, init_distributed, lead, load_lm, load_sharded, shutdown_distributed
 
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])
@@ -109,9 +107,9 @@ def main(spec_path: str) -> None:
         if ctx.rank != 0:
             steps[case["name"]] = follow(lm.model, ctx)
             continue
-        lm.model = leader = Leader(lm.model, ctx)
+        lm, leader = lead(lm, ctx)
         try:
-            engines[case["name"]] = {"engine": engine_tokens(lm, leader.wrap_cache), "generate": generate_tokens(lm)}
+            engines[case["name"]] = {"engine": engine_tokens(lm), "generate": generate_tokens(lm)}
         finally:
             leader.stop()
     if base.rank == 0:

@@ -130,14 +130,16 @@ def test_grok1_base_model_without_tokenizer_takes_ids(tmp_path):
         lm1.generate("text")
 
 
-def test_chunked_prefill_equals_one_shot(lm, monkeypatch):
-    import grokstack.generate as gen
+def test_chunked_prefill_equals_one_shot(lm):
+    from grokstack.engine import Engine
+    from grokstack.sampling import SamplingParams
 
     prompts = ["The quick brown fox jumps over the lazy dog", "Grok"]
     want = lm.generate(prompts, max_tokens=6, temperature=0, ignore_eos=True)
-    monkeypatch.setattr(gen, "PREFILL_CHUNK", 4)
-    got = lm.generate(prompts, max_tokens=6, temperature=0, ignore_eos=True)
-    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    engine = Engine(lm, max_batch=2, max_model_len=64, prefill_chunk=4)  # 4 prompt tokens a step
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    got = [[e.token_id for e in engine.events(lm.encode(p), sp)] for p in prompts]
+    assert got == [c.token_ids for c in want]
 
 
 def test_earliest_stop_string_wins(lm):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from grokstack.config import load_config_file, read_json
-from grokstack.kv_cache import KVCache
 from grokstack.loading.grok1_ckpt import leaf_order, load_grok1
+from grokstack.runner import Stepper
 
 from .conftest import SHARED
 
@@ -88,18 +88,16 @@ def test_fp32_greedy_with_kv_cache_matches_official(model_f32, golden):
     tokens, lengths = golden["tokens"], golden["lengths"]
     scale = np.abs(golden["logits_f32"][golden["input_mask"]]).max()
     for row in range(2):
-        prompt = torch.from_numpy(tokens[row, : lengths[row]]).long()[None]
-        cache = KVCache(model_f32.cfg, 1, 64)
+        prompt = tokens[row, : lengths[row]].tolist()
+        cache = Stepper(model_f32, 1, 64, block_size=8)
         out, steps = [], []
         with torch.no_grad():
-            logits = model_f32(prompt, torch.arange(prompt.shape[1])[None], cache)[:, -1]
-            pos = prompt.shape[1]
+            (logits,) = cache.feed([prompt])
             for _ in range(8):
-                steps.append(logits[0].numpy())
+                steps.append(logits.numpy())
                 nxt = int(logits.argmax(-1))
                 out.append(nxt)
-                logits = model_f32(torch.tensor([[nxt]]), torch.tensor([[pos]]), cache)[:, -1]
-                pos += 1
+                (logits,) = cache.feed([[nxt]])
         assert out == golden["greedy_fullfwd_f32"][row].tolist()
         assert np.abs(np.stack(steps) - golden["greedy_fullfwd_f32_step_logits"][row]).max() <= 1e-4 * scale
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from grokstack.config import ModelConfig
-from grokstack.kv_cache import KVCache
 from grokstack.loading.weights import iter_hf_tensors
+from grokstack.runner import Stepper
 from grokstack.tiny import random_model, tiny_config
 
 from . import reference
@@ -100,13 +100,13 @@ def test_kv_cache_decode_equals_full_forward(tiny):
     tokens = prompt(cfg, T, seed=4)[None]
     with torch.no_grad():
         full = tiny(tokens)
-        cache = KVCache(cfg, 1, 32)
+        cache = Stepper(tiny, 1, 32, block_size=4)  # blocks of 4: the chunks below cross block edges
         pre = 7  # prefill 7, then a chunk of 5 (prefill-with-prefix), then one by one
-        parts = [tiny(tokens[:, :pre], torch.arange(pre)[None], cache)]
-        parts.append(tiny(tokens[:, pre : pre + 5], torch.arange(pre, pre + 5)[None], cache))
+        ids = tokens[0].tolist()
+        parts = cache.feed([ids[:pre]], "every") + cache.feed([ids[pre : pre + 5]], "every")
         for t in range(pre + 5, T):
-            parts.append(tiny(tokens[:, t : t + 1], torch.tensor([[t]]), cache))
-    stepped = torch.cat(parts, dim=1)
+            parts += cache.feed([ids[t : t + 1]], "every")
+    stepped = torch.cat(parts, dim=0)[None]
     assert rel_err(stepped.numpy(), full.numpy()) < 1e-5
 
 
@@ -114,18 +114,14 @@ def test_batch_rows_of_different_lengths_use_own_positions(tiny):
     cfg = tiny.cfg
     a, b = prompt(cfg, 9, seed=7), prompt(cfg, 14, seed=8)
     with torch.no_grad():
-        cache = KVCache(cfg, 2, 20)
-        batch = torch.zeros(2, 14, dtype=torch.long)
-        batch[0, :9], batch[1] = a, b
-        pos = torch.arange(14).expand(2, 14)
-        out = tiny(batch, pos, cache)
-        nxt = torch.tensor([[5], [6]])
-        step = tiny(nxt, torch.tensor([[9], [14]]), cache)
+        cache = Stepper(tiny, 2, 20, block_size=4)
+        out = cache.feed([a.tolist(), b.tolist()], "every")  # one step: rows of 9 and 14 tokens
+        step = cache.feed([[5], [6]], "every")
         ref_a = tiny(torch.cat([a, torch.tensor([5])])[None])
         ref_b = tiny(torch.cat([b, torch.tensor([6])])[None])
-    assert rel_err(out[0, :9], ref_a[0, :9]) < 1e-5
-    assert rel_err(step[0, 0], ref_a[0, -1]) < 1e-5
-    assert rel_err(step[1, 0], ref_b[0, -1]) < 1e-5
+    assert rel_err(out[0], ref_a[0, :9]) < 1e-5
+    assert rel_err(step[0][0], ref_a[0, -1]) < 1e-5
+    assert rel_err(step[1][0], ref_b[0, -1]) < 1e-5
 
 
 def test_temperature_changes_only_positions_past_L():

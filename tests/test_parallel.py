@@ -26,9 +26,9 @@ from grokstack.errors import CheckpointError, ConfigError
 from grokstack.lm import LM, load
 from grokstack.loading.safetensors_folder import save_safetensors_folder
 from grokstack.parallel import (
-    Leader,
     ParallelContext,
     kv_heads,
+    lead,
     load_sharded,
     local_config,
     shard_model,
@@ -311,10 +311,10 @@ def test_missing_shard_fails_at_every_size(world, ckpts, tmp_path):
 
 
 def test_leader_on_one_rank_runs_the_engine_unchanged(ckpts, reference):
-    """World 1 (no torchrun): the Leader sends nothing and the engine's tokens are the plain model's."""
+    """World 1 (no torchrun): the lead sends nothing and the engine's tokens are the plain model's."""
     lm = load(ckpts["g2"], dtype="float32")
-    leader = Leader(load_sharded(ckpts["g2"], ParallelContext(0, 1)), ParallelContext(0, 1))
-    led = LM(leader, lm.tokenizer, lm.path)
-    assert engine_tokens(led, leader.wrap_cache) == reference["g2"]["engine"]
+    one = ParallelContext(0, 1)
+    led, leader = lead(LM(load_sharded(ckpts["g2"], one), lm.tokenizer, lm.path), one)
+    assert engine_tokens(led) == reference["g2"]["engine"]
     assert generate_tokens(led) == reference["g2"]["generate"]
     leader.stop()

@@ -12,7 +12,7 @@ import torch
 
 from grokstack.config import grok1_preset, grok2_preset
 from grokstack.errors import CheckpointError, InvalidArgumentError
-from grokstack.kv_cache import KVCache
+from grokstack.kv_cache import PagedKV
 from grokstack.model import Transformer
 from grokstack.plan import (
     GB,
@@ -28,6 +28,8 @@ from grokstack.plan import (
     plan,
     plan_for,
 )
+from grokstack.runner import Runner
+from grokstack.scheduler import Row, StepPlan
 from grokstack.tiny import random_model, tiny_config, tiny_grok2_hf_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -126,7 +128,7 @@ def test_weights_match_a_real_tiny_model(arch, dtype):
 def test_kv_cache_matches_a_real_allocation(arch, dtype):
     cfg = tiny_config(arch)
     batch, context = 3, 200
-    cache = KVCache(cfg, batch, context, DTYPES[dtype])
+    cache = PagedKV(cfg, batch * context // 8, 8, DTYPES[dtype])  # the engine's pool for batch x context tokens
     real = sum(t.numel() * t.element_size() for t in (cache.k, cache.v, cache.key_valid))
     p = plan(cfg, "1x80GB", dtype=dtype, context=context, batch=batch)
     assert close(p.kv_total, real)
@@ -141,7 +143,7 @@ def test_release_sizes_match_a_meta_model(preset):
     p = plan(cfg, "1x2000GB", dtype="bf16", context=8192, batch=16)
     assert close(p.weights_total, sum(got.values()), 0.001)
     assert close(p.weights_total, 2 * cfg.parameter_counts()["total"], 0.001)
-    cache = KVCache(cfg, 16, 8192, torch.bfloat16, device="meta")
+    cache = PagedKV(cfg, 16 * 8192 // 16, 16, torch.bfloat16, device="meta")
     assert close(p.kv_total, sum(t.numel() * t.element_size() for t in (cache.k, cache.v, cache.key_valid)), 0.001)
 
 
@@ -170,7 +172,7 @@ def test_sharded_bytes_match_a_local_model(arch, tp, ep):
     p = plan(cfg, f"{tp}x80GB", dtype="bf16", context=128, batch=2, ep=ep)
     for cls in WEIGHT_CLASSES:
         assert close(p.weights[cls], got[cls]), (cls, p.weights[cls], got[cls])
-    cache = KVCache(local, 2, 128, torch.bfloat16)
+    cache = PagedKV(local, 2 * 128 // 16, 16, torch.bfloat16)
     assert close(p.kv_total, sum(t.numel() * t.element_size() for t in (cache.k, cache.v, cache.key_valid)))
 
 
@@ -252,7 +254,7 @@ def test_sharded_bytes_match_parallel_py(arch, world, mode):
         got = measured(parallel.shard_model(tiny_model(arch), ctx))
         for cls in WEIGHT_CLASSES:
             assert close(p.weights[cls], got[cls]), (rank, cls, p.weights[cls], got[cls])
-        cache = KVCache(parallel.local_config(cfg, ctx), 2, 128, torch.bfloat16)
+        cache = PagedKV(parallel.local_config(cfg, ctx), 2 * 128 // 16, 16, torch.bfloat16)
         assert close(p.kv_total, sum(t.numel() * t.element_size() for t in (cache.k, cache.v, cache.key_valid)))
 
 
@@ -404,15 +406,18 @@ def measure_peaks(cfg, batch, context, chunk, quantize=None):
     if quantize is not None:
         model = quantize(model)
     torch.cuda.empty_cache()
-    cache = KVCache(cfg, batch, context, torch.bfloat16, "cuda")
+    block = 16
+    per_row = context // block
+    runner = Runner(model, PagedKV(cfg, batch * per_row + 1, block, torch.bfloat16, "cuda"))
+    tables = [list(range(1 + r * per_row, 1 + (r + 1) * per_row)) for r in range(batch)]
     peaks = {}
     with torch.no_grad():
-        tokens = torch.randint(3, cfg.vocab_size, (1, chunk), device="cuda")
-        positions = torch.arange(context - chunk, context, device="cuda")[None]
+        tokens = torch.randint(3, cfg.vocab_size, (chunk,)).tolist()
+        prefill = StepPlan([Row(0, context - chunk, tokens, tables[0], False, False)])
+        decode = StepPlan([Row(r, context - 1, tokens[:1], tables[r], False, False) for r in range(batch)])
         steps = {
-            "prefill": lambda: (cache.window(torch.tensor([0])), model.hidden(tokens, positions, cache)),
-            "decode": lambda: (cache.window(slice(0, batch), read_len=context),
-                               model.hidden(tokens[:, :1].expand(batch, 1), positions[:, -1:].expand(batch, 1), cache)),
+            "prefill": lambda: runner.forward(prefill),
+            "decode": lambda: runner.forward(decode),
             "logits": lambda: model.logits(torch.randn(max(batch, chunk), cfg.hidden_size, device="cuda",
                                                        dtype=torch.bfloat16)),
         }

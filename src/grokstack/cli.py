@@ -101,12 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="/metrics needs an admin key ('admin' in the keys file); default: public")
     p.add_argument("--rpm", type=int, default=int(env("GROKSTACK_RPM", "0")), help="requests/min per key (0 = off)")
     p.add_argument("--tpm", type=int, default=int(env("GROKSTACK_TPM", "0")), help="tokens/min per key (0 = off)")
-    p.add_argument("--max-batch", type=int, default=int(env("GROKSTACK_MAX_BATCH", "16")),
+    p.add_argument("--max-batch", type=int, default=int(env("GROKSTACK_MAX_BATCH", "64")),
                    help="sequences decoded together")
     p.add_argument("--max-model-len", type=int, default=int(env("GROKSTACK_MAX_MODEL_LEN", "4096")),
                    help="prompt + completion tokens per sequence")
     p.add_argument("--max-queue", type=int, default=int(env("GROKSTACK_MAX_QUEUE", "64")),
                    help="requests that may wait; more get 503")
+    p.add_argument("--kv-memory", type=float, default=float(env("GROKSTACK_KV_MEMORY", "0")),
+                   help="KV cache budget in GiB (default: 16 full-length sequences, at most a quarter of the "
+                        "free memory); sequences take blocks of it as they grow")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse the KV blocks of earlier requests' identical prompt prefixes")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
     p.add_argument("--error-style", choices=["openai", "xai"], default=env("GROKSTACK_ERROR_STYLE", "openai"))
     p.add_argument("--state-dir", default=env("GROKSTACK_STATE_DIR", ".grokstack"),
@@ -272,7 +277,7 @@ def _model_for(args):
     if args.tp == 1 and not args.ep:
         yield _load(args)
         return
-    from .parallel import Leader, follow, init_distributed, load_lm, shutdown_distributed
+    from .parallel import follow, init_distributed, lead, load_lm, shutdown_distributed
 
     ctx = init_distributed(mode="ep" if args.ep else "tp", world=args.tp)
     try:
@@ -285,7 +290,7 @@ def _model_for(args):
             follow(lm.model, ctx)
             yield None
             return
-        lm.model = leader = Leader(lm.model, ctx)
+        lm, leader = lead(lm, ctx)
         try:
             yield lm
         finally:
@@ -438,10 +443,11 @@ def _serve(args, lm) -> None:
     from .server.moderation import GuardSettings, check_guard_profile
 
     lm.need_tokenizer()
+    if args.kv_memory < 0:
+        raise InvalidArgumentError("--kv-memory must be a positive number of GiB")
     engine = Engine(lm, max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue,
-                    prefill_chunk=args.prefill_chunk)
-    if hasattr(lm.model, "wrap_cache"):  # tensor parallel: cache steps are replayed on the other ranks too
-        engine.cache = lm.model.wrap_cache(engine.cache)
+                    prefill_chunk=args.prefill_chunk, kv_memory=int(args.kv_memory * 2**30) or None,
+                    prefix_cache=not args.no_prefix_cache)
     model_id = args.served_model_name or model_id_for(lm, args.model)
     aliases = [a for a in [*args.alias, "default" if args.model == "default" else None] if a and a != model_id]
     Path(args.data_dir).mkdir(parents=True, exist_ok=True)

@@ -1,36 +1,46 @@
-"""The serving engine: a request queue and a scheduler running many sequences as one batch.
+"""The engine: requests in, events out, one step at a time (scheduler -> runner -> output processing).
 
-Continuous batching: sequences join and leave the running batch between decode steps. Each choice of a
-request lives in a slot (a row) of one KV cache, and a decode step runs the slots up to the highest live
-one. Long prompts are prefilled a chunk at a time, one chunk between decode steps, so running streams keep
-flowing. KV memory is reserved at admission (prompt + max_tokens for every choice) against a token budget;
-requests wait in a bounded queue, and past it `submit` says the server is overloaded. A cancelled request
-(its client went away) leaves before the next step, and its slots and KV memory are free again.
+Every generation goes through here: the server runs the engine on its own thread (`start`), while
+`LM.generate`/`LM.stream` drive it synchronously on the caller's thread (`events` without `start`). Each
+step the `Scheduler` (pure Python) plans which sequences feed which tokens into which KV blocks, the `Runner`
+executes that plan on the model and the paged cache, and this module turns the logits into tokens (one
+`generate.Sequence` per choice: sampler, detokenizer, stop rules) and events.
 
-One thread owns the model and the cache; callers hand in requests and get events back through a callback
-that runs on that thread (it must only enqueue).
+Requests wait in a bounded queue; past it `submit` says the server is overloaded. A request that could
+never fit the KV pool (prompt + max_tokens for each choice) is refused at submission. A cancelled request
+(its client went away) leaves before the next step and its blocks are free again. Events reach callers
+through a callback that runs on the engine's thread (it must only enqueue).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from .blocks import BlockPool
 from .errors import ContextLengthError, InvalidArgumentError, OverloadedError
-from .generate import Constraint, Event, Sequence, TokenLogprob, check_prompts
-from .kv_cache import KVCache
-from .lm import LM
+from .generate import Constraint, Event, Sequence, TokenLogprob, context_room
+from .kv_cache import PagedKV
+from .runner import RowLogits, Runner
 from .sampling import SamplingParams, top_logprobs
+from .scheduler import Row, Scheduler
+
+if TYPE_CHECKING:
+    from .lm import LM
 
 log = logging.getLogger("grokstack")
 
+BLOCK_SIZE = 16  # tokens per KV block: small enough that sharing works mid-prompt, large enough to gather fast
+DEFAULT_KV_SEQUENCES = 16  # the default KV budget holds this many full-length sequences (the old engine's slots)
 
 
 @dataclass
@@ -53,33 +63,21 @@ class Request:
     constraints: list[Constraint | None] = field(default_factory=list)
     id: int = 0
     budgets: list[int] = field(default_factory=list)
-    reserved: int = 0  # KV tokens held for this request
     prompt_logprobs: int | None = None  # alternatives per prompt token; None = no prompt logprobs
     generate: bool = True  # False: score the prompt only (max_tokens 0)
     cancelled: bool = False
     submitted: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass
-class _Choice:
-    request: Request
-    index: int
-    slot: int
-    seq: Sequence
-    pos: int = 0  # tokens of this choice in its cache row
-    next_token: int = 0
+class _Live:
+    """A request inside the scheduler: its choices' samplers by sequence id."""
 
-
-@dataclass
-class _Running:
     request: Request
-    choices: list[_Choice]
-    prefilled: int = 0  # prompt tokens already in the cache (first choice's slot)
+    choices: dict[int, tuple[int, Sequence]] = field(default_factory=dict)  # seq id -> (choice index, sampler)
     prompt_lps: list[TokenLogprob | None] = field(default_factory=lambda: [None])
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.prefilled < len(self.request.prompt)
+    left: int = 0  # choices not finished
 
 
 @dataclass
@@ -87,15 +85,43 @@ class EngineStats:
     waiting: int
     running: int  # requests
     batch: int  # live sequences
-    kv_tokens_used: int
-    kv_tokens_reserved: int
-    kv_tokens_limit: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    block_size: int
     kv_bytes_per_token: int
+    preemptions: int
+    cached_tokens: int  # prompt tokens served from the prefix cache so far
     steps: int
+
+    @property
+    def kv_tokens_used(self) -> int:
+        return self.kv_blocks_used * self.block_size
 
     @property
     def kv_bytes_used(self) -> int:
         return self.kv_tokens_used * self.kv_bytes_per_token
+
+    @property
+    def kv_bytes_total(self) -> int:
+        return self.kv_blocks_total * self.block_size * self.kv_bytes_per_token
+
+
+def kv_blocks(kv_bytes: int, bytes_per_token: int, block_size: int = BLOCK_SIZE) -> int:
+    """Blocks that `kv_bytes` of KV memory holds (plus the trash block)."""
+    return max(1, kv_bytes // (bytes_per_token * block_size)) + 1
+
+
+def default_kv_memory(max_model_len: int, bytes_per_token: int, device: torch.device) -> int:
+    """DEFAULT_KV_SEQUENCES full-length sequences, but at most a quarter of the memory free on the device."""
+    want = DEFAULT_KV_SEQUENCES * max_model_len * bytes_per_token
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):  # no sysconf: trust the sequence count
+            return want
+    return max(min(want, free // 4), max_model_len * bytes_per_token)
 
 
 class Engine:
@@ -106,30 +132,33 @@ class Engine:
         max_model_len: int | None = None,
         max_queue: int = 64,
         prefill_chunk: int = 256,
-        kv_tokens: int | None = None,
+        kv_memory: int | None = None,
+        block_size: int = BLOCK_SIZE,
+        prefix_cache: bool = True,
     ) -> None:
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise InvalidArgumentError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
+        """`kv_memory` is the KV budget in bytes (default: `default_kv_memory`)."""
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or block_size < 1:
+            raise InvalidArgumentError("max_batch, prefill_chunk and block_size must be >= 1, max_queue >= 0")
         self.lm = lm
         self.model = lm.model
         cfg = self.model.cfg
         self.max_model_len = min(max_model_len or cfg.context_length, cfg.context_length)
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.prefill_chunk = prefill_chunk
-        self.kv_tokens_limit = kv_tokens or max_batch * self.max_model_len
-        self.device = self.model.embed_tokens.weight.device
         elem = torch.finfo(self.model.dtype).bits // 8
         self.kv_bytes_per_token = cfg.kv_bytes_per_token(elem)
-        # torch.zeros does not touch pages until written: memory grows with what slots use.
-        self.cache = KVCache(cfg, max_batch, self.max_model_len, self.model.dtype, self.device)
+        device = self.model.embed_tokens.weight.device
+        if kv_memory is None:
+            kv_memory = default_kv_memory(self.max_model_len, self.kv_bytes_per_token, device)
+        num_blocks = kv_blocks(kv_memory, self.kv_bytes_per_token, block_size)
+        kv = PagedKV(cfg, num_blocks, block_size, self.model.dtype, device)
+        self.runner = lm.runner_for(kv) if lm.runner_for is not None else Runner(self.model, kv)
+        self.scheduler = Scheduler(BlockPool(num_blocks, block_size, prefix_cache), max_batch, prefill_chunk)
         tok = lm.tokenizer
         self.stop_ids = tok.stop_ids if tok else frozenset({cfg.eos_token_id})
         self._cv = threading.Condition()
-        self._waiting: deque[Request] = deque()
-        self._running: list[_Running] = []
-        self._free = list(range(max_batch))
-        self._reserved = 0
+        self._incoming: deque[Request] = deque()
+        self._live: dict[int, _Live] = {}  # request id -> its state, once handed to the scheduler
         self._next_id = 1
         self._steps = 0
         self._accepting = True
@@ -143,15 +172,19 @@ class Engine:
             self._thread.start()
         return self
 
+    def room(self, prompt: list[int]) -> int:
+        """Tokens this server may generate after `prompt` (checks the prompt's ids too)."""
+        return context_room(prompt, self.model.cfg.vocab_size, self.max_model_len)
+
     def budget(self, prompt: list[int], params: SamplingParams) -> int:
         """The tokens one choice may generate: max_tokens, which must fit the server's context."""
-        room = self.max_model_len - len(prompt)
+        room = self.room(prompt)
         if params.max_tokens > room:
             raise ContextLengthError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
                 f"{len(prompt)} and {params.max_tokens} more were requested. Shorten the prompt or lower max_tokens"
             )
-        return check_prompts(self.model, [prompt], [params], self.max_model_len)[0]
+        return params.max_tokens
 
     def submit(
         self,
@@ -172,46 +205,47 @@ class Engine:
         if len(params) > self.max_batch:
             raise InvalidArgumentError(f"n={len(params)} is more than this server runs at once ({self.max_batch})")
         budgets = [self.budget(prompt, sp) for sp in params]
+        if not self.scheduler.fits(len(prompt), max(budgets), len(params)):
+            need = len(params) * (len(prompt) + max(budgets))
+            raise ContextLengthError(
+                f"the request needs {need} KV tokens (prompt + max_tokens for each choice); this server holds "
+                f"{self.scheduler.pool.capacity * self.scheduler.pool.block_size} (--kv-memory)"
+            )
         req = Request(
             list(prompt), params, emit, list(constraints or [None] * len(params)), budgets=budgets,
             prompt_logprobs=prompt_logprobs, generate=generate,
         )
-        req.reserved = sum(len(prompt) + b for b in budgets)
-        if req.reserved > self.kv_tokens_limit:
-            raise ContextLengthError(
-                f"the request needs {req.reserved} KV tokens (prompt + max_tokens for each choice); "
-                f"this server holds {self.kv_tokens_limit}"
-            )
         with self._cv:
             if not self._accepting:
                 raise OverloadedError("the server is shutting down", retry_after=5)
-            if len(self._waiting) >= self.max_queue:
+            if self._waiting_count() >= self.max_queue:
                 raise OverloadedError(f"the request queue is full ({self.max_queue} waiting); retry shortly")
             req.id = self._next_id
             self._next_id += 1
             req.submitted = time.monotonic()
-            self._waiting.append(req)
+            self._incoming.append(req)
             self._cv.notify()
         return req
 
     def cancel(self, req: Request) -> None:
-        """Stop a request (e.g. its client disconnected); its slots are freed before the next step."""
+        """Stop a request (e.g. its client disconnected); its blocks are freed before the next step."""
         with self._cv:
             req.cancelled = True
             self._cv.notify()
 
     def stats(self) -> EngineStats:
         with self._cv:
-            used = sum(c.pos for r in self._running for c in r.choices if not c.seq.done)
-            used += sum(r.prefilled for r in self._running if r.in_prefill)
+            sched = self.scheduler
             return EngineStats(
-                waiting=len(self._waiting),
-                running=len(self._running),
-                batch=sum(1 for r in self._running for c in r.choices if not c.seq.done),
-                kv_tokens_used=used,
-                kv_tokens_reserved=self._reserved,
-                kv_tokens_limit=self.kv_tokens_limit,
+                waiting=self._waiting_count(),
+                running=len({s.group for s in sched.running}),
+                batch=len(sched.running),
+                kv_blocks_used=sched.pool.in_use,
+                kv_blocks_total=sched.pool.capacity,
+                block_size=sched.pool.block_size,
                 kv_bytes_per_token=self.kv_bytes_per_token,
+                preemptions=sched.preemptions,
+                cached_tokens=sched.pool.hits * sched.pool.block_size,
                 steps=self._steps,
             )
 
@@ -221,27 +255,31 @@ class Engine:
             self._accepting = False
             self._cv.notify()
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self._thread is not None:
             with self._cv:
-                if not self._running and not self._waiting:
+                if not self._live and not self._incoming:
                     break
             time.sleep(0.02)
         with self._cv:
-            for req in [r.request for r in self._running] + list(self._waiting):
+            for req in [x.request for x in self._live.values()] + list(self._incoming):
                 self._fail(req, OverloadedError("the server shut down before this request finished", retry_after=5))
             self._stop = True
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def generate(self, prompt: list[int], params: SamplingParams | list[SamplingParams]) -> Iterator[Event]:
-        """Submit and iterate over the request's events (a blocking helper for scripts and tests)."""
-        events: queue.Queue = queue.Queue()
-        req = self.submit(prompt, params, events.put)
+    def events(self, prompt: list[int], params: SamplingParams | list[SamplingParams]) -> Iterator[Event]:
+        """Submit and iterate over the request's events. On a started engine this waits for its thread;
+        otherwise it runs the steps itself, on the caller's thread (how `LM.generate` uses the engine)."""
+        got: queue.Queue = queue.Queue()
+        req = self.submit(prompt, params, got.put)
         left = len(req.params)
         try:
             while left:
-                ev = events.get()
+                if self._thread is None and got.empty():
+                    self.step()
+                    continue
+                ev = got.get()
                 if isinstance(ev, BaseException):
                     raise ev
                 if isinstance(ev, PromptLogprobs):
@@ -251,162 +289,140 @@ class Engine:
         finally:
             if left:
                 self.cancel(req)
+                if self._thread is None:
+                    with self._cv:
+                        self._reap()
 
-    # ------------------------------------------------------------------ scheduler
+    generate = events
+
+    def run(self) -> None:
+        """Step until every submitted request is done (synchronous use, without `start`)."""
+        while self.step():
+            pass
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> bool:
+        """Schedule, execute and process one step; False when there was nothing to do."""
+        with self._cv:
+            self._take_incoming()
+            self._reap()
+            plan = self.scheduler.schedule()
+            score = {row.seq for row in plan.rows if self._scores(row)}
+        if not plan.rows and not plan.copies:
+            return False
+        try:
+            with torch.no_grad():
+                outs = self.runner.execute(plan, score)
+        except Exception as exc:  # a failing step must not take the server down with it
+            log.exception("engine step failed; failing the running requests")
+            with self._cv:
+                for live in list(self._live.values()):
+                    self._fail(live.request, exc)
+                self._reap()
+            return True
+        with self._cv:
+            self.scheduler.computed(plan)
+            for row, out in zip(plan.rows, outs, strict=True):
+                self._process(row, out)
+            self._reap()
+            self._steps += 1
+        return True
+
     def _loop(self) -> None:
         while True:
             with self._cv:
                 if self._stop:
                     return
-                self._reap()
-                self._admit()
-                if not self._running:
+                if not self._incoming and not self._live:
                     self._cv.wait(timeout=0.5)
                     continue
-            try:
-                with torch.no_grad():
-                    self._prefill_chunk()
-                    self._decode_step()
-                self._steps += 1
-                with self._cv:  # free finished requests now, not after the next wait
-                    self._reap()
-            except Exception as exc:  # a failing step must not take the server down with it
-                log.exception("engine step failed; failing the running requests")
-                with self._cv:
-                    for run in self._running:
-                        run.request.emit(exc)
-                        run.request.cancelled = True
-                    self._reap()
+            if not self.step():
+                with self._cv:  # only waiting requests that cannot be admitted yet: nothing to do until one ends
+                    self._cv.wait(timeout=0.01)
+
+    def _waiting_count(self) -> int:
+        admitted = {s.group for s in self.scheduler.running}
+        return len(self._incoming) + sum(1 for rid in self._live if rid not in admitted)
+
+    def _take_incoming(self) -> None:
+        while self._incoming:
+            req = self._incoming.popleft()
+            if req.cancelled:
+                continue
+            live = _Live(req, left=len(req.params))
+            self._live[req.id] = live
+            # scoring every prompt position needs every position computed: no prefix reuse for it
+            self.scheduler.add(req.id, req.prompt, len(req.params), use_cache=req.prompt_logprobs is None)
+
+    def _scores(self, row: Row) -> bool:
+        live = self._live.get(self.scheduler.seqs[row.seq].group)
+        return live is not None and live.request.prompt_logprobs is not None and row.start < len(live.request.prompt)
 
     def _reap(self) -> None:
-        """Drop cancelled and finished requests, freeing their slots and KV reservation."""
-        self._waiting = deque(r for r in self._waiting if not r.cancelled)
-        keep = []
-        for run in self._running:
-            if run.request.cancelled or all(c.seq.done for c in run.choices):
-                self._free.extend(c.slot for c in run.choices)
-                self._reserved -= run.request.reserved
-            else:
-                keep.append(run)
-        self._running = keep
-        self._free.sort()
+        """Drop cancelled and finished requests, freeing their blocks."""
+        for rid, live in list(self._live.items()):
+            if live.request.cancelled or live.left == 0:
+                for sid in [s for s, seq in self.scheduler.seqs.items() if seq.group == rid]:
+                    self.scheduler.finish(sid)
+                del self._live[rid]
 
-    def _admit(self) -> None:
-        while self._waiting and self._accepting:
-            req = self._waiting[0]
-            n = len(req.params)
-            if len(self._free) < n or self._reserved + req.reserved > self.kv_tokens_limit:
-                return  # first come, first served: later requests wait behind it
-            self._waiting.popleft()
-            slots, self._free = self._free[:n], self._free[n:]
-            self._reserved += req.reserved
-            choices = []
-            for j, (sp, budget, slot) in enumerate(zip(req.params, req.budgets, slots, strict=True)):
+    # ------------------------------------------------------------------ outputs
+    def _process(self, row: Row, out: RowLogits) -> None:
+        seq = self.scheduler.seqs.get(row.seq)
+        live = self._live.get(seq.group) if seq is not None else None
+        if live is None or live.request.cancelled:
+            return
+        req = live.request
+        if out.every is not None:
+            self._score_prompt(live, row, out.every)
+        if not row.sample:
+            return
+        if row.prompt_end:
+            req.cached_tokens = seq.cached
+            if req.prompt_logprobs is not None:
+                req.emit(PromptLogprobs(live.prompt_lps))
+            if not req.generate:
+                for j in range(len(req.params)):
+                    self._emit(req, Event(j, -1, "", None, "length", stop_token=True))  # -1: no token
+                live.left = 0
+                return
+            for j, sid in enumerate(self.scheduler.fork(row.seq)):
+                sp = req.params[j]
                 seed = None if sp.seed is None else sp.seed + j
                 try:
-                    seq = Sequence(
-                        req.prompt, sp, budget, self.lm.tokenizer, self.model.cfg.vocab_size, self.stop_ids, seed,
-                        req.constraints[j],
-                    )
+                    sampler = Sequence(req.prompt, sp, req.budgets[j], self.lm.tokenizer, self.model.cfg.vocab_size,
+                                       self.stop_ids, seed, req.constraints[j])
                 except Exception as exc:  # noqa: BLE001 - reported to its request; the others run on
                     self._fail(req, exc)
-                    seq = None
-                choices.append(_Choice(req, j, slot, seq))
-            if req.cancelled:
-                self._free.extend(slots)
-                self._free.sort()
-                self._reserved -= req.reserved
-                continue
-            self._running.append(_Running(req, choices))
-
-    def _prefill_chunk(self) -> None:
-        """One prefill step: the next chunk of the oldest prompts still in prefill, several prompts in one
-        batch while they fit `prefill_chunk` padded tokens. A prompt that ends here gets its first tokens."""
-        batch: list[_Running] = []
-        width = 0
-        for run in self._running:
-            if not run.in_prefill or run.request.cancelled:
-                continue
-            t = min(len(run.request.prompt) - run.prefilled, self.prefill_chunk)
-            if batch and (len(batch) + 1) * max(width, t) > self.prefill_chunk:
-                break
-            batch.append(run)
-            width = max(width, t)
-        if not batch:
+                    return
+                live.choices[sid] = (j, sampler)
+            for sid in list(live.choices):
+                self._sample(live, sid, out.last)
             return
-        pad = self.model.cfg.pad_token_id
-        tokens = torch.full((len(batch), width), pad, dtype=torch.long)
-        positions = torch.zeros((len(batch), width), dtype=torch.long)
-        spans = []
-        for b, run in enumerate(batch):
-            t0 = run.prefilled
-            t1 = min(len(run.request.prompt), t0 + width)
-            tokens[b, : t1 - t0] = torch.tensor(run.request.prompt[t0:t1])
-            # pads run on past the chunk: those positions are rewritten before anything reads them
-            positions[b] = torch.arange(t0, t0 + width).clamp(max=self.max_model_len - 1)
-            spans.append((t0, t1))
-        self.cache.window(torch.tensor([run.choices[0].slot for run in batch]))
-        h = self.model.hidden(tokens.to(self.device), positions.to(self.device), self.cache)  # [B, width, D]
-        for b, (run, (t0, t1)) in enumerate(zip(batch, spans, strict=True)):
-            run.prefilled = t1
-            self._after_prefill_chunk(run, h[b, : t1 - t0], t0)
+        self._sample(live, row.seq, out.last)
 
-    def _after_prefill_chunk(self, run: _Running, h: torch.Tensor, t0: int) -> None:
-        """Prompt logprobs of a chunk's positions [t, D]; at the prompt's end, the first token of each choice."""
-        prompt, first = run.request.prompt, run.choices[0]
-        k = run.request.prompt_logprobs
-        if k is not None:  # position i predicts prompt token i + 1
-            chunk_logits = self.model.logits(h).float().cpu()  # [t, V]
-            for i, pos in enumerate(range(t0, min(run.prefilled, len(prompt) - 1))):
-                chosen, alts = top_logprobs(chunk_logits[i], prompt[pos + 1], k)
-                run.prompt_lps.append(TokenLogprob(prompt[pos + 1], chosen, alts))
-        if run.in_prefill:
-            return
-        if k is not None:
-            run.request.emit(PromptLogprobs(run.prompt_lps))
-        if not run.request.generate:
-            for c in run.choices:
-                c.seq.done = True
-                self._emit(c, Event(c.index, -1, "", None, "length", stop_token=True))  # -1: no token
-            return
-        logits = self.model.logits(h[-1]).float().cpu()  # [V]
-        for c in run.choices:
-            if c is not first:  # the other choices share the prompt's keys and values
-                self.cache.copy_row(first.slot, c.slot, len(prompt))
-            c.pos = len(prompt)
-            self._step(c, logits)
+    def _score_prompt(self, live: _Live, row: Row, logits: torch.Tensor) -> None:
+        """Position p's logits score prompt token p + 1; positions already scored (before a preemption) are skipped."""
+        prompt, k = live.request.prompt, live.request.prompt_logprobs
+        for i, pos in enumerate(range(row.start, row.start + len(row.tokens))):
+            if pos + 1 == len(live.prompt_lps) and pos + 1 < len(prompt):
+                chosen, alts = top_logprobs(logits[i], prompt[pos + 1], k)
+                live.prompt_lps.append(TokenLogprob(prompt[pos + 1], chosen, alts))
 
-    def _decode_step(self) -> None:
-        """One token for every sequence past its prefill."""
-        live = [c for r in self._running if not r.in_prefill and not r.request.cancelled for c in r.choices
-                if not c.seq.done]
-        if not live:
-            return
-        hi = max(c.slot for c in live) + 1
-        tokens = torch.full((hi, 1), self.model.cfg.pad_token_id, dtype=torch.long)
-        positions = torch.zeros((hi, 1), dtype=torch.long)
-        for r in self._running:  # rows that only idle write where nobody reads before it is overwritten
-            if r.in_prefill and r.choices[0].slot < hi:
-                positions[r.choices[0].slot, 0] = r.prefilled
-        for c in live:
-            tokens[c.slot, 0] = c.next_token
-            positions[c.slot, 0] = c.pos
-        self.cache.window(slice(0, hi), read_len=max(c.pos for c in live) + 1)
-        logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache)[:, -1].float().cpu()
-        for c in live:
-            c.pos += 1
-            if not c.request.cancelled:
-                self._step(c, logits[c.slot])
-
-    def _step(self, c: _Choice, logits: torch.Tensor) -> None:
-        """Sample one choice's next token; a failure there (its own parameters) ends only its request."""
+    def _sample(self, live: _Live, sid: int, logits: torch.Tensor) -> None:
+        """Pick one choice's next token; a failure there (its own parameters) ends only its request."""
+        index, sampler = live.choices[sid]
         try:
-            ev = c.seq.step(logits, c.index)
+            ev = sampler.step(logits, index)
         except Exception as exc:  # noqa: BLE001
-            self._fail(c.request, exc)
-            c.seq.done = True
+            self._fail(live.request, exc)
             return
-        self._emit(c, ev)
+        if sampler.done:
+            live.left -= 1
+            self.scheduler.finish(sid)
+        else:
+            self.scheduler.append(sid, ev.token_id)
+        self._emit(live.request, ev)
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         log.warning("request %d failed: %s", req.id, exc)
@@ -416,10 +432,9 @@ class Engine:
         except Exception:  # noqa: BLE001 - nobody left to tell
             log.exception("event consumer failed")
 
-    def _emit(self, c: _Choice, ev: Event) -> None:
-        c.next_token = ev.token_id
+    def _emit(self, req: Request, ev: Event) -> None:
         try:
-            c.request.emit(ev)
+            req.emit(ev)
         except Exception:  # a broken consumer cancels its own request, nobody else's
-            log.exception("event consumer failed; cancelling request %d", c.request.id)
-            c.request.cancelled = True
+            log.exception("event consumer failed; cancelling request %d", req.id)
+            req.cancelled = True

@@ -1,25 +1,21 @@
-"""Prefill + decode for one batch of prompts on a KV cache, as a stream of per-row events.
+"""What decoding one sequence means, whatever runs the model: its sampler, its text and its stop rules.
 
-Rows are right-padded for prefill and then each decodes at its own absolute positions, so prompts
-of different lengths give exactly what they give alone. Stop strings are held back while they
-may still be forming, so partial stop text never reaches the stream.
+`Sequence.step(logits)` picks the next token and says what text it releases; stop strings are held back
+while they may still be forming, so partial stop text never reaches the stream. The engine (`engine.py`)
+runs every sequence, for the server and for `LM.generate` alike.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import ContextLengthError, InvalidArgumentError
-from .kv_cache import KVCache
-from .model import Transformer
 from .sampling import SamplingParams, penalize, sample, top_logprobs
 from .tokenizer import Tokenizer
 
-PREFILL_CHUNK = 512  # tokens per prefill step: bounds activation memory for long prompts
 REJECTIONS_BEFORE_MASK = 16  # constrained sampling: draws to try before checking every token
 
 
@@ -55,7 +51,6 @@ class Sequence:
     """One sequence being generated: its sampler state (seeded generator, penalties), its text state
     (detokenizer, stop-string hold-back) and its stop rules. `step(logits)` picks the next token.
 
-    Shared by `stream_batch` and the serving engine, so both decode exactly alike.
     """
 
     def __init__(
@@ -176,97 +171,15 @@ class Constraint:
         raise NotImplementedError
 
 
-def check_prompts(
-    model: Transformer, prompts: list[list[int]], params: list[SamplingParams], context: int | None = None
-) -> list[int]:
-    """Each prompt's token budget: max_tokens, capped by the room left in the context."""
-    ctx = context or model.cfg.context_length
-    budgets = []
-    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-        if not p:
-            raise InvalidArgumentError(f"prompt {i} is empty")
-        if any(not 0 <= t < model.cfg.vocab_size for t in p):
-            raise InvalidArgumentError(f"prompt {i} has token ids outside 0..{model.cfg.vocab_size - 1}")
-        if len(p) >= ctx:
-            raise ContextLengthError(
-                f"prompt {i} has {len(p)} tokens; the model's context is {ctx} tokens, leaving no room to generate"
-            )
-        budgets.append(min(sp.max_tokens, ctx - len(p)))
-    return budgets
-
-
-@torch.no_grad()
-def prefill(model: Transformer, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
-    """Run all prompts through the cache in chunks; return logits at each row's last token [B, V]."""
-    B, T = len(prompts), max(len(p) for p in prompts)
-    device = cache.k.device
-    tokens = torch.full((B, T), model.cfg.pad_token_id, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        tokens[b, : len(p)] = torch.tensor(p, device=device)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-    h_last = torch.zeros(B, model.cfg.hidden_size, dtype=model.dtype, device=device)
-    for t0 in range(0, T, PREFILL_CHUNK):
-        t1 = min(T, t0 + PREFILL_CHUNK)
-        pos = torch.arange(t0, t1, device=device).expand(B, -1)
-        h = model.hidden(tokens[:, t0:t1], pos, cache)  # [B, t, D]
-        inside = (last >= t0) & (last < t1)
-        if inside.any():
-            idx = (last - t0).clamp(0, t1 - t0 - 1)
-            h_last = torch.where(inside[:, None], h[torch.arange(B), idx], h_last)
-    return model.logits(h_last)
-
-
-@torch.no_grad()
-def stream_batch(
-    model: Transformer,
-    tokenizer: Tokenizer | None,
-    prompts: list[list[int]],
-    params: SamplingParams | list[SamplingParams],
-) -> Iterator[Event]:
-    """Generate for every prompt at once; yields one Event per row per step until all finish."""
-    if isinstance(params, SamplingParams):
-        params = [params] * len(prompts)
-    budgets = check_prompts(model, prompts, params)
-    B = len(prompts)
-    device = model.embed_tokens.weight.device
-    cache = KVCache(model.cfg, B, max(len(p) + n for p, n in zip(prompts, budgets, strict=True)), model.dtype, device)
-    stops = tokenizer.stop_ids if tokenizer else frozenset({model.cfg.eos_token_id})
-    seqs = [
-        Sequence(p, sp, n, tokenizer, model.cfg.vocab_size, stops, None if sp.seed is None else sp.seed + b)
-        for b, (p, sp, n) in enumerate(zip(prompts, params, budgets, strict=True))
-    ]
-    logits = prefill(model, prompts, cache).float().cpu()
-    positions = torch.tensor([len(p) for p in prompts])
-    while True:
-        next_ids = torch.full((B, 1), model.cfg.pad_token_id, dtype=torch.long)
-        for b, seq in enumerate(seqs):
-            if seq.done:
-                continue
-            ev = seq.step(logits[b], b)
-            if not seq.done:
-                next_ids[b, 0] = ev.token_id
-            yield ev
-        if all(seq.done for seq in seqs):
-            return
-        logits = model(next_ids.to(device), positions[:, None].to(device), cache)[:, -1].float().cpu()
-        positions += 1
-        positions.clamp_(max=cache.max_len - 1)  # only finished rows reach the end; they write nowhere useful
-
-
-def generate_batch(
-    model: Transformer,
-    tokenizer: Tokenizer | None,
-    prompts: list[list[int]],
-    params: SamplingParams | list[SamplingParams],
-) -> list[Completion]:
-    out = [Completion("", [], "length", len(p)) for p in prompts]
-    for ev in stream_batch(model, tokenizer, prompts, params):
-        c = out[ev.index]
-        if not ev.stop_token:
-            c.token_ids.append(ev.token_id)
-        c.text += ev.text
-        if ev.logprob is not None:
-            c.logprobs.append(ev.logprob)
-        if ev.finish_reason:
-            c.finish_reason = ev.finish_reason
-    return out
+def context_room(prompt: list[int], vocab_size: int, context: int) -> int:
+    """Tokens that may follow `prompt` in a context of `context` tokens; a prompt that is empty, has ids
+    outside the vocabulary or leaves no room is refused here, the one place these are checked."""
+    if not prompt:
+        raise InvalidArgumentError("the prompt is empty")
+    if any(not 0 <= t < vocab_size for t in prompt):
+        raise InvalidArgumentError(f"the prompt has token ids outside 0..{vocab_size - 1}")
+    if len(prompt) >= context:
+        raise ContextLengthError(
+            f"the prompt has {len(prompt)} tokens; the model's context is {context} tokens, leaving no room to generate"
+        )
+    return context - len(prompt)

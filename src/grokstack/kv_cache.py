@@ -1,72 +1,86 @@
-"""Static KV storage for one batch of sequences, indexed by absolute position.
+"""Paged KV storage, and the context one forward step runs in.
 
-Each row writes its keys at its own positions, so prompts of different lengths share one
-cache: a query at position p only reads keys 0..p, and anything a padded row wrote beyond its
-length is overwritten before a query can reach it.
+Keys and values live in fixed-size blocks: k, v [L, num_blocks, block_size, Hkv, D]. A sequence owns a list
+of blocks (its block table, from `blocks.BlockPool`); token position p of that sequence sits in block
+table[p // block_size] at offset p % block_size, so key index j read through the table is absolute position
+j and the causal mask stays `j <= q_pos`. Memory is taken block by block as sequences grow (torch.zeros does
+not touch pages until they are written).
 
-Continuous batching (`engine.py`) treats rows as slots: `window()` picks the rows the next forward
-steps touch and how many keys they read, so a step costs what its live sequences need.
+A step is flat: N tokens of many sequences, each with its position and the cache slot its k, v go to
+(block * block_size + offset). Attention then runs per group of rows padded to one length (decode rows
+together, prefill chunks together), each row reading its keys through its block table.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .config import ModelConfig
-from .errors import ContextLengthError
 
 
-class KVCache:
+class PagedKV:
     def __init__(
         self,
         cfg: ModelConfig,
-        batch_size: int,
-        max_len: int,
+        num_blocks: int,
+        block_size: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, S_max, Hkv, D]
+        shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, NB, BS, Hkv, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)  # [B, S_max]
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.length = 0  # keys 0..length-1 may be read
-        self._rows = slice(0, batch_size)
-        self._read_len: int | None = None
-        self._row_ids = torch.arange(batch_size, device=device)[:, None]  # [B, 1]
-        self._positions: torch.Tensor | None = None
+        self.key_valid = torch.ones(num_blocks * block_size, dtype=torch.bool, device=device)  # [NB*BS]
+        self.num_blocks = num_blocks
+        self.block_size = block_size
 
-    def window(self, rows: slice | torch.Tensor | None = None, read_len: int | None = None) -> None:
-        """Make the next steps touch only `rows` (all by default) and read only keys 0..read_len-1
-        (by default up to the step's last position). Rows of the window that only idle write at
-        positions nobody reads before they are overwritten; their outputs are thrown away. A slice
-        reads the cache in place; a tensor of row ids gathers (a copy, for scattered prefill rows)."""
-        self._rows = rows if rows is not None else slice(0, self.batch_size)
-        self._read_len = read_len
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [N, Hkv, D] at flat slots [N]."""
+        self.k[layer].view(-1, *k.shape[1:])[slots] = k
+        self.v[layer].view(-1, *v.shape[1:])[slots] = v
 
-    def begin(self, positions: torch.Tensor, key_valid: torch.Tensor | None) -> None:
-        """Start a forward step that writes `positions` [B, T]; key_valid [B, T] only for pad-masking models."""
-        top = int(positions.max()) + 1
-        if top > self.max_len:
-            raise ContextLengthError(f"position {top - 1} is past the KV cache of {self.max_len} tokens")
-        self._positions = positions
-        if key_valid is not None:
-            self.key_valid[self._row_ids[self._rows], positions] = key_valid
-        self.length = top if self._read_len is None else self._read_len
+    def read(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [R, length, Hkv, D] of rows with block tables [R, nb]."""
+        R, nb = tables.shape
+        k = self.k[layer][tables].view(R, nb * self.block_size, *self.k.shape[3:])[:, :length]
+        v = self.v[layer][tables].view(R, nb * self.block_size, *self.v.shape[3:])[:, :length]
+        return k, v
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v [B, T, Hkv, D]; return all readable keys and values [B, S, Hkv, D]."""
-        rows = self._row_ids[self._rows]
-        self.k[layer][rows, self._positions] = k
-        self.v[layer][rows, self._positions] = v
-        return self.k[layer, self._rows, : self.length], self.v[layer, self._rows, : self.length]
+    def valid_keys(self, tables: torch.Tensor, length: int) -> torch.Tensor:
+        """key_valid [R, length] through block tables [R, nb] (Grok-1's pad-key mask)."""
+        slots = (tables[:, :, None] * self.block_size + torch.arange(self.block_size, device=tables.device))
+        return self.key_valid[slots.flatten(1)[:, :length]]
 
-    def valid_keys(self) -> torch.Tensor:
-        return self.key_valid[self._rows, : self.length]  # [B, S]
+    def copy_block(self, src: int, dst: int) -> None:
+        """Give block `dst` the contents of `src` (a choice forking off a shared, partly filled block)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+        bs = self.block_size
+        self.key_valid[dst * bs : (dst + 1) * bs] = self.key_valid[src * bs : (src + 1) * bs]
 
-    def copy_row(self, src: int, dst: int, length: int) -> None:
-        """Give row `dst` the first `length` keys and values of row `src` (n > 1 choices share a prefill)."""
-        self.k[:, dst, :length] = self.k[:, src, :length]
-        self.v[:, dst, :length] = self.v[:, src, :length]
-        self.key_valid[dst, :length] = self.key_valid[src, :length]
+    @property
+    def bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class AttnGroup:
+    """Rows attended together: row r's query t is flat token index[r, t] (pads: present False)."""
+
+    index: torch.Tensor  # [R, T] long, flat token indices (pads point at token 0)
+    present: torch.Tensor  # [R, T] bool
+    q_pos: torch.Tensor  # [R, T] long, absolute positions (pads: 0)
+    tables: torch.Tensor  # [R, nb] long, block tables (padded with the trash block)
+    length: int  # keys to read per row: the group's highest position + 1
+
+
+@dataclass
+class StepContext:
+    """What one forward step over a paged cache needs besides its tokens [N]."""
+
+    positions: torch.Tensor  # [N] absolute position of each token
+    slots: torch.Tensor  # [N] flat cache slot its k, v are written to
+    groups: list[AttnGroup]
+    kv: PagedKV

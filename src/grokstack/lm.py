@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import ModelConfig
 from .errors import InvalidArgumentError, TokenizerError
-from .generate import Completion, Event, generate_batch, stream_batch
+from .generate import Completion, Event, context_room
 from .loading import Checkpoint, inspect_checkpoint, load_weights
 from .loading.hub import resolve
 from .model import Transformer
 from .notices import Notice, notice_for
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
+
+if TYPE_CHECKING:
+    from .kv_cache import PagedKV
+    from .runner import Runner
 
 log = logging.getLogger("grokstack")
 
@@ -39,12 +43,21 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 class LM:
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer | None, path: Path | None = None, license: str | None = None
+        self, model: Transformer, tokenizer: Tokenizer | None, path: Path | None = None, license: str | None = None,
+        runner_for: Callable[[PagedKV], Runner] | None = None,
     ) -> None:
+        """`runner_for` builds the runner an engine uses over its KV cache (tensor parallelism passes one that
+        sends every step to the other ranks first); by default the model runs here alone."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.path = path
+        self.license = license
         self.notice: Notice = notice_for(model.cfg, path, license)
+        self.runner_for = runner_for
+
+    def with_runner(self, runner_for: Callable[[PagedKV], Runner]) -> LM:
+        """This model and tokenizer, with engines running their steps through `runner_for`."""
+        return LM(self.model, self.tokenizer, self.path, self.license, runner_for)
 
     @property
     def config(self) -> ModelConfig:
@@ -73,13 +86,57 @@ class LM:
     def generate(self, prompts: Prompt | list[Prompt], **sampling: Any) -> Completion | list[Completion]:
         """Complete one prompt (text or ids) or a list of them; sampling = SamplingParams fields."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
-        batch = [prompts] if single else list(prompts)
-        out = generate_batch(self.model, self.tokenizer, [self.encode(p) for p in batch], SamplingParams(**sampling))
+        batch = [self.encode(p) for p in ([prompts] if single else list(prompts))]
+        params = [self._params(p, sampling) for p in batch]
+        # prompt b samples with seed + b, so equal prompts in one batch differ
+        params = [sp if sp.seed is None else sp.replace(seed=sp.seed + b) for b, sp in enumerate(params)]
+        engine = self._engine(batch, params)
+        out = [Completion("", [], "length", len(p)) for p in batch]
+        errors: list[BaseException] = []
+
+        def collect(c: Completion):
+            def emit(ev) -> None:
+                if isinstance(ev, BaseException):
+                    errors.append(ev)
+                    return
+                if not ev.stop_token:
+                    c.token_ids.append(ev.token_id)
+                c.text += ev.text
+                if ev.logprob is not None:
+                    c.logprobs.append(ev.logprob)
+                if ev.finish_reason:
+                    c.finish_reason = ev.finish_reason
+            return emit
+
+        for p, sp, c in zip(batch, params, out, strict=True):
+            engine.submit(p, sp, collect(c))
+        engine.run()
+        if errors:
+            raise errors[0]
         return out[0] if single else out
 
     def stream(self, prompt: Prompt, **sampling: Any) -> Iterator[Event]:
         """Events for one prompt: token id, released text, logprob, and finish_reason at the end."""
-        return stream_batch(self.model, self.tokenizer, [self.encode(prompt)], SamplingParams(**sampling))
+        ids = self.encode(prompt)
+        params = self._params(ids, sampling)
+        return self._engine([ids], [params]).events(ids, params)
+
+    def _params(self, prompt: list[int], sampling: dict[str, Any]) -> SamplingParams:
+        """The request's sampling, with max_tokens capped to the room the context leaves (a library caller
+        asking for more simply gets what fits)."""
+        sp = SamplingParams(**sampling)
+        room = context_room(prompt, self.config.vocab_size, self.config.context_length)
+        return sp.replace(max_tokens=min(sp.max_tokens, room)) if sp.max_tokens > room else sp
+
+    def _engine(self, prompts: list[list[int]], params: list[SamplingParams]):
+        """An engine on this thread with KV room for exactly these requests."""
+        from .engine import BLOCK_SIZE, Engine
+
+        tokens = sum(-(-(len(p) + sp.max_tokens) // BLOCK_SIZE) * BLOCK_SIZE
+                     for p, sp in zip(prompts, params, strict=True))
+        per_token = self.config.kv_bytes_per_token(torch.finfo(self.model.dtype).bits // 8)
+        return Engine(self, max_batch=len(prompts), max_queue=len(prompts), prefill_chunk=512,
+                      kv_memory=tokens * per_token)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         return self.need_tokenizer().chat_ids(messages)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kv_cache import KVCache
+from .kv_cache import StepContext
 
 MASK_VALUE = -1e30  # xAI's JAX code masks with -1e30, not -inf (a fully masked row stays finite)
 ATTN_CHUNK_ELEMS = 1 << 26  # fp32 score elements per attention chunk (256 MiB)
@@ -152,21 +152,36 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False, dtype=dtype)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False, dtype=dtype)
 
-    def forward(self, x, cos, sin, positions, layer, cache, key_valid) -> torch.Tensor:
+    def forward(self, x, cos, sin, positions, layer, step: StepContext | None, key_valid) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-            if key_valid is not None:  # only pad-masking models (Grok-1) pay for the key mask
-                key_valid = cache.valid_keys()
-        h = self.o_proj(attend(cfg, q, k, v, positions, key_valid))
+        if step is None:
+            o = attend(cfg, q, k, v, positions, key_valid)
+        else:
+            o = attend_paged(cfg, q[0], k[0], v[0], layer, step)[None]
+        h = self.o_proj(o)
         if cfg.attn_out_multiplier_on_o:
             h = h * cfg.qk_scale
         return h
+
+
+def attend_paged(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                 step: StepContext) -> torch.Tensor:
+    """A flat step's attention: store k, v [N, Hkv, D] in the paged cache, then each group of rows attends
+    to its keys through its block tables. q [N, Hq, D] -> [N, Hq*D]."""
+    kv = step.kv
+    kv.write(layer, step.slots, k, v)
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+    for g in step.groups:
+        keys, values = kv.read(layer, g.tables, g.length)  # [R, S, Hkv, D]
+        valid = kv.valid_keys(g.tables, g.length) if cfg.mask_pad_keys else None
+        o = attend(cfg, q[g.index], keys, values, g.q_pos, valid)  # [R, T, Hq*D]
+        out[g.index[g.present]] = o[g.present]
+    return out
 
 
 # ------------------------------------------------------------------------------- MoE and MLP
@@ -277,8 +292,8 @@ class DecoderLayer(nn.Module):
         self.pre_moe_norm = RMSNorm(d, eps)
         self.post_moe_norm = RMSNorm(d, eps) if sandwich else None
 
-    def forward(self, x, cos, sin, positions, cache, key_valid) -> torch.Tensor:
-        h = self.self_attn(self.pre_attn_norm(x), cos, sin, positions, self.index, cache, key_valid)
+    def forward(self, x, cos, sin, positions, step, key_valid) -> torch.Tensor:
+        h = self.self_attn(self.pre_attn_norm(x), cos, sin, positions, self.index, step, key_valid)
         x = x + (self.post_attn_norm(h) if self.post_attn_norm is not None else h)
         m = self.pre_moe_norm(x)
         if self.block_sparse_moe is None:
@@ -308,40 +323,33 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
-    def hidden(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Final-normed hidden states [B, T, D] for tokens [B, T] at absolute positions [B, T].
+    def hidden(self, tokens: torch.Tensor, step: StepContext | None = None) -> torch.Tensor:
+        """Final-normed hidden states.
 
-        Without a cache the tokens are a whole sequence from position 0.
+        Without a step: tokens [B, T] are whole sequences from position 0 -> [B, T, D]. With a step: tokens [N]
+        are the step's flat tokens at step.positions, attending through the paged cache -> [N, D].
         """
         cfg = self.cfg
-        B, T = tokens.shape
-        if positions is None:
-            if cache is not None:
-                raise ValueError("positions are required with a KV cache")
+        if step is None:
+            B, T = tokens.shape
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        key_valid = tokens != cfg.pad_token_id if cfg.mask_pad_keys else None  # Grok-1 masks pad keys
-        if cache is not None:
-            cache.begin(positions, key_valid)
+            key_valid = tokens != cfg.pad_token_id if cfg.mask_pad_keys else None  # Grok-1 masks pad keys
+        else:
+            tokens, positions = tokens[None], step.positions[None]  # one row of N tokens: [1, N]
+            key_valid = None
+            if cfg.mask_pad_keys:
+                step.kv.key_valid[step.slots] = tokens[0] != cfg.pad_token_id
         cos, sin = rope_cos_sin(cfg, positions)
         x = self.embed_tokens(tokens) * cfg.embedding_multiplier  # [B, T, D]
         for layer in self.layers:
-            x = layer(x, cos, sin, positions, cache, key_valid)
-        return self.norm(x)
+            x = layer(x, cos, sin, positions, step, key_valid)
+        x = self.norm(x)
+        return x if step is None else x[0]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits [..., V] from normed hidden states [..., D]."""
         out = (h @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(h)) * self.cfg.output_multiplier
         return softcap(out.float(), self.cfg.final_softcap)
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        return self.logits(self.hidden(tokens, positions, cache))  # [B, T, V]
+    def forward(self, tokens: torch.Tensor, step: StepContext | None = None) -> torch.Tensor:
+        return self.logits(self.hidden(tokens, step))  # [B, T, V], or [N, V] for a step

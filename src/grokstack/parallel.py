@@ -14,19 +14,22 @@ names (quant.py's module swaps, the loaders' `param_for` and `forced_experts` wo
 attention output is reduced as it leaves `self_attn`, the FFN's where it enters `post_moe_norm` (one
 all-reduce for Grok-2's dense + MoE sum), or, in pre-norm models, as it leaves each FFN module.
 
-Serving: rank 0 runs the engine on `Leader`, which broadcasts every cache and forward command to the
-other ranks before running it; they replay the commands in `follow` until `Leader.stop()`.
+Serving: rank 0 schedules. Its engines run on a `LeadingRunner`, which broadcasts every step plan (rows,
+positions, block tables, block copies) to the other ranks before running it; they run the same plans on
+their own runners and paged caches in `follow` until `Lead.stop()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import re
 import threading
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,12 +39,14 @@ import torch.distributed as dist
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, InvalidArgumentError
-from .kv_cache import KVCache
+from .kv_cache import PagedKV
 from .lm import LM, _tokenizer_for, parse_dtype
 from .loading import Checkpoint, inspect_checkpoint, load_weights
 from .loading.hub import resolve
 from .loading.safetensors_folder import SPLIT_DIM, TP_FILE, _check_complete, _plan, open_safetensors
 from .model import Transformer
+from .runner import Runner
+from .scheduler import StepPlan
 
 log = logging.getLogger("grokstack")
 
@@ -427,9 +432,6 @@ def load_lm(
 
 
 # ------------------------------------------------------------------------------ serving
-SCRATCH = -1  # followers' id for the newest cache the leader met unwrapped (generate.py makes its own)
-
-
 def _send(ctx: ParallelContext, command: tuple) -> None:
     if ctx.world > 1:
         dist.broadcast_object_list([command], src=0, group=ctx.commands)
@@ -441,110 +443,37 @@ def _receive(ctx: ParallelContext) -> tuple:
     return box[0]
 
 
-def _cpu(x: Any) -> Any:
-    return x.cpu() if isinstance(x, torch.Tensor) else x
+class Lead:
+    """Rank 0's end of the command channel. Each engine's runner is a `LeadingRunner`: every step plan goes to
+    the other ranks before it runs here, so all ranks run the same collectives in the same order; their
+    runners keep KV caches with the same blocks. Logits need no collective (lm_head is replicated)."""
 
-
-class LeaderCache:
-    """Rank 0's KV cache: `window` and `copy_row` are sent to the followers' copies before running here."""
-
-    def __init__(self, inner: KVCache, leader: Leader, id: int) -> None:
-        self.inner = inner
-        self.leader = leader
-        self.id = id
-
-    def window(self, rows: slice | torch.Tensor | None = None, read_len: int | None = None) -> None:
-        with self.leader.lock:
-            self.leader.send(("window", self.id, _cpu(rows), read_len))
-            self.inner.window(rows, read_len)
-
-    def copy_row(self, src: int, dst: int, length: int) -> None:
-        with self.leader.lock:
-            self.leader.send(("copy_row", self.id, src, dst, length))
-            self.inner.copy_row(src, dst, length)
-
-    def __getattr__(self, name: str) -> Any:  # k, v, max_len, batch_size, length: read from the real cache
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
-class Leader:
-    """Rank 0's stand-in for its sharded model: what the engine, generate.py and LM use.
-
-    Every forward is first broadcast (op, cache id, tokens, positions) so the followers run the same
-    collectives in the same order; logits need no collective (lm_head is replicated) and stay local.
-    """
-
-    def __init__(self, model: Transformer, ctx: ParallelContext) -> None:
+    def __init__(self, ctx: ParallelContext) -> None:
         if ctx.rank != 0:
             raise InvalidArgumentError("only rank 0 leads; the other ranks call follow()")
-        self.model = model
         self.ctx = ctx
-        self.lock = threading.RLock()  # one command and its collectives at a time, whatever the thread
-        self._next_id = 0
-        self._scratch: weakref.ref | None = None
+        self.lock = threading.Lock()  # one command and its collectives at a time, whatever the thread
+        self._ids = itertools.count()
+        self._live: dict[int, weakref.ref] = {}
         self._stopped = False
-
-    # What the engine, generate.py and LM read from a model.
-    @property
-    def cfg(self) -> ModelConfig:
-        return self.model.cfg
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    @property
-    def embed_tokens(self) -> torch.nn.Embedding:
-        return self.model.embed_tokens
-
-    def eval(self) -> Leader:
-        self.model.eval()
-        return self
 
     def send(self, command: tuple) -> None:
         if self._stopped:
             raise RuntimeError("the followers were stopped")
         _send(self.ctx, command)
 
-    def wrap_cache(self, cache: KVCache) -> LeaderCache:
-        """Give the followers a cache like `cache` (fresh) and return the wrapper the engine must use."""
-        with self.lock:
-            cid = self._next_id
-            self._next_id += 1
-            self.send(("cache", cid, cache.batch_size, cache.max_len))
-            return LeaderCache(cache, self, cid)
+    def runner_for(self, model: Transformer) -> Callable[[PagedKV], Runner]:
+        def make(kv: PagedKV) -> Runner:
+            with self.lock:
+                gone = [cid for cid, ref in self._live.items() if ref() is None]  # engines no longer used
+                for cid in gone:
+                    del self._live[cid]
+                runner = LeadingRunner(model, kv, self, next(self._ids))
+                self.send(("cache", runner.id, kv.num_blocks, kv.block_size, gone))
+                self._live[runner.id] = weakref.ref(runner)
+                return runner
 
-    def _cache(self, cache: KVCache | LeaderCache | None) -> tuple[int | None, KVCache | None]:
-        if cache is None:
-            return None, None
-        if isinstance(cache, LeaderCache):
-            return cache.id, cache.inner
-        if self._scratch is None or self._scratch() is not cache:
-            if cache.length:
-                raise ValueError("the followers never saw this KV cache being filled; wrap it with wrap_cache()")
-            self.send(("cache", SCRATCH, cache.batch_size, cache.max_len))
-            self._scratch = weakref.ref(cache)
-        return SCRATCH, cache
-
-    def hidden(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | LeaderCache | None = None
-    ) -> torch.Tensor:
-        with self.lock:
-            cid, local = self._cache(cache)
-            self.send(("hidden", cid, tokens.cpu(), _cpu(positions)))
-            return self.model.hidden(tokens, positions, local)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(h)
-
-    def __call__(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | LeaderCache | None = None
-    ) -> torch.Tensor:
-        return self.logits(self.hidden(tokens, positions, cache))
-
-    forward = __call__
+        return make
 
     def stop(self) -> None:
         """Release the followers (their `follow` returns); call once, when serving ends."""
@@ -554,14 +483,32 @@ class Leader:
                 self._stopped = True
 
 
+class LeadingRunner(Runner):
+    def __init__(self, model: Transformer, kv: PagedKV, lead: Lead, id: int) -> None:
+        super().__init__(model, kv)
+        self.lead = lead
+        self.id = id
+
+    def forward(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[int]]:
+        with self.lead.lock:
+            self.lead.send(("step", self.id, plan))
+            return super().forward(plan)
+
+
+def lead(lm: LM, ctx: ParallelContext) -> tuple[LM, Lead]:
+    """Rank 0: the LM whose engines lead the other ranks, and the lead to `stop` when done."""
+    leader = Lead(ctx)
+    return lm.with_runner(leader.runner_for(lm.model)), leader
+
+
 @torch.no_grad()
 def follow(model: Transformer, ctx: ParallelContext) -> int:
-    """Ranks 1..N-1: replay rank 0's commands on this rank's model and caches until `stop`.
+    """Ranks 1..N-1: run rank 0's step plans on this rank's model and caches until `stop`.
 
-    Returns the number of forward steps replayed. A step that fails here fails on the leader too (same
-    inputs, same checks before any collective), so the error is logged and the loop goes on.
+    Returns the number of steps run. A step that fails here fails on the leader too (same inputs, same
+    checks before any collective), so the error is logged and the loop goes on.
     """
-    caches: dict[int, KVCache] = {}
+    runners: dict[int, Runner] = {}
     steps = 0
     while True:
         op, *args = _receive(ctx)
@@ -569,18 +516,13 @@ def follow(model: Transformer, ctx: ParallelContext) -> int:
             return steps
         try:
             if op == "cache":
-                cid, batch, max_len = args
-                caches[cid] = KVCache(model.cfg, batch, max_len, model.dtype, ctx.device)
-            elif op == "window":
-                cid, rows, read_len = args
-                caches[cid].window(rows, read_len)
-            elif op == "copy_row":
-                cid, src, dst, length = args
-                caches[cid].copy_row(src, dst, length)
-            elif op == "hidden":
-                cid, tokens, positions = args
-                positions = None if positions is None else positions.to(ctx.device)
-                model.hidden(tokens.to(ctx.device), positions, None if cid is None else caches[cid])
+                cid, num_blocks, block_size, gone = args
+                for old in gone:
+                    runners.pop(old, None)
+                runners[cid] = Runner(model, PagedKV(model.cfg, num_blocks, block_size, model.dtype, ctx.device))
+            elif op == "step":
+                cid, plan = args
+                runners[cid].forward(plan)
                 steps += 1
             else:
                 raise ValueError(f"unknown command {op!r}")

@@ -339,13 +339,14 @@ class Api:
             content.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": alts})
         return {"content": content, "refusal": None}
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+        """`cached`: prompt tokens whose keys and values came from the engine's prefix cache."""
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"text_tokens": prompt_tokens, "audio_tokens": 0, "image_tokens": 0,
-                                      "cached_tokens": 0},
+                                      "cached_tokens": cached},
             "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
             "num_sources_used": 0,
@@ -416,7 +417,7 @@ class Api:
                 "logprobs": self.chat_logprobs(lps, body.top_logprobs or 0) if body.logprobs else None,
                 "finish_reason": r.finish_reason,
             })
-        usage = self.usage(len(prompt), sum(r.generated for r in results))
+        usage = self.usage(len(prompt), sum(r.generated for r in results), job.req.cached_tokens)
         usage["num_sources_used"] = len(plan.hits or [])
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": _now(),
@@ -490,7 +491,7 @@ class Api:
                     if all(done):
                         break  # leaving the loop cancels what is still generating (a blocked choice)
             if usage_on:
-                usage = self.usage(len(prompt), sum(generated))
+                usage = self.usage(len(prompt), sum(generated), job.req.cached_tokens)
                 usage["num_sources_used"] = len(plan.hits or [])
                 yield chunk([], usage, extra=self.search_fields(body, plan, texts))
             yield _sse("[DONE]")
@@ -603,7 +604,8 @@ class Api:
         prompt_tokens = sum(len(p) for p in prompts)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": _now(), "model": body.model,
-            "choices": choices, "usage": self.usage(prompt_tokens, completion_tokens),
+            "choices": choices,
+            "usage": self.usage(prompt_tokens, completion_tokens, sum(job.req.cached_tokens for job in jobs)),
             "system_fingerprint": self.fingerprint,
         }
 
@@ -659,7 +661,8 @@ class Api:
                     yield chunk([{"index": pi * body.n + ev.index, "text": ev.text, "logprobs": lps,
                                   "finish_reason": ev.finish_reason}])
             if usage_on:
-                yield chunk([], self.usage(sum(len(p) for p in prompts), generated))
+                yield chunk([], self.usage(sum(len(p) for p in prompts), generated,
+                                           sum(job.req.cached_tokens for job in jobs)))
             yield _sse("[DONE]")
         except GrokstackError as exc:
             kind = errors.KINDS.get(exc.http_status, errors.KINDS[500])

@@ -21,10 +21,14 @@ class Metrics:
         self.queue = Gauge("grokstack_queue_depth", "requests waiting for a batch slot", registry=r)
         self.running = Gauge("grokstack_running_requests", "requests in the running batch", registry=r)
         self.batch = Gauge("grokstack_batch_size", "sequences in the running batch", registry=r)
-        self.kv_used = Gauge("grokstack_kv_memory_bytes", "KV cache memory holding live sequences", registry=r)
-        self.kv_reserved = Gauge("grokstack_kv_reserved_bytes", "KV memory reserved by admitted requests",
+        self.kv_used = Gauge("grokstack_kv_memory_bytes", "KV cache memory in blocks held by sequences", registry=r)
+        self.kv_limit = Gauge("grokstack_kv_limit_bytes", "KV cache memory of the block pool (--kv-memory)",
+                              registry=r)
+        self.kv_blocks = Gauge("grokstack_kv_blocks", "KV cache blocks by state", ["state"], registry=r)
+        self.preemptions = Gauge("grokstack_preemptions", "sequences preempted for KV blocks (recomputed later)",
                                  registry=r)
-        self.kv_limit = Gauge("grokstack_kv_limit_bytes", "KV memory the engine may reserve", registry=r)
+        self.cached = Gauge("grokstack_prefix_cache_tokens", "prompt tokens served from the prefix cache",
+                            registry=r)
         self.deferred = Gauge("grokstack_deferred_jobs", "deferred completions stored", ["state"], registry=r)
 
     def render(self, engine, store) -> bytes:
@@ -33,8 +37,11 @@ class Metrics:
         self.running.set(s.running)
         self.batch.set(s.batch)
         self.kv_used.set(s.kv_bytes_used)
-        self.kv_reserved.set(s.kv_tokens_reserved * s.kv_bytes_per_token)
-        self.kv_limit.set(s.kv_tokens_limit * s.kv_bytes_per_token)
+        self.kv_limit.set(s.kv_bytes_total)
+        self.kv_blocks.labels("used").set(s.kv_blocks_used)
+        self.kv_blocks.labels("total").set(s.kv_blocks_total)
+        self.preemptions.set(s.preemptions)
+        self.cached.set(s.cached_tokens)
         for state, n in store.counts().items():
             self.deferred.labels(state).set(n)
         return generate_latest(self.registry)
