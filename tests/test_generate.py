@@ -138,7 +138,7 @@ def test_chunked_prefill_equals_one_shot(lm):
     want = lm.generate(prompts, max_tokens=6, temperature=0, ignore_eos=True)
     engine = Engine(lm, max_batch=2, max_model_len=64, prefill_chunk=4)  # 4 prompt tokens a step
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    got = [[e.token_id for e in engine.events(lm.encode(p), sp)] for p in prompts]
+    got = [[e.token_id for e in engine.generate(lm.encode(p), sp)] for p in prompts]
     assert got == [c.token_ids for c in want]
 
 

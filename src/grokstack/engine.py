@@ -1,8 +1,8 @@
 """The engine: requests in, events out, one step at a time (scheduler -> runner -> output processing).
 
 Every generation goes through here: the server runs the engine on its own thread (`start`), while
-`LM.generate`/`LM.stream` drive it synchronously on the caller's thread (`events` without `start`). Each
-step the `Scheduler` (pure Python) plans which sequences feed which tokens into which KV blocks, the `Runner`
+`LM.generate`/`LM.stream` drive it on the caller's thread (`run`, or `generate` without `start`). Each step
+the `Scheduler` (pure Python) plans which sequences feed which tokens into which KV blocks, the `Runner`
 executes that plan on the model and the paged cache, and this module turns the logits into tokens (one
 `generate.Sequence` per choice: sampler, detokenizer, stop rules) and events.
 
@@ -268,7 +268,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def events(self, prompt: list[int], params: SamplingParams | list[SamplingParams]) -> Iterator[Event]:
+    def generate(self, prompt: list[int], params: SamplingParams | list[SamplingParams]) -> Iterator[Event]:
         """Submit and iterate over the request's events. On a started engine this waits for its thread;
         otherwise it runs the steps itself, on the caller's thread (how `LM.generate` uses the engine)."""
         got: queue.Queue = queue.Queue()
@@ -277,7 +277,8 @@ class Engine:
         try:
             while left:
                 if self._thread is None and got.empty():
-                    self.step()
+                    if not self.step():  # cannot happen for a request `submit` accepted; never spin
+                        raise RuntimeError("the engine went idle with a request unfinished")
                     continue
                 ev = got.get()
                 if isinstance(ev, BaseException):
@@ -292,8 +293,6 @@ class Engine:
                 if self._thread is None:
                     with self._cv:
                         self._reap()
-
-    generate = events
 
     def run(self) -> None:
         """Step until every submitted request is done (synchronous use, without `start`)."""

@@ -119,7 +119,7 @@ class LM:
         """Events for one prompt: token id, released text, logprob, and finish_reason at the end."""
         ids = self.encode(prompt)
         params = self._params(ids, sampling)
-        return self._engine([ids], [params]).events(ids, params)
+        return self._engine([ids], [params]).generate(ids, params)
 
     def _params(self, prompt: list[int], sampling: dict[str, Any]) -> SamplingParams:
         """The request's sampling, with max_tokens capped to the room the context leaves (a library caller
