@@ -10,8 +10,9 @@
 2. Prefix cache (`--sections prefix`): a request with a ~1,000-token prefix, then one sharing the prefix and
    differing in its last ~40 tokens (TTFT, cached_tokens, output against a --no-prefix-cache server), and a
    20-turn chat (TTFT of each turn).
-3. Capacity (`--sections capacity`): with the KV memory the old engine reserved for its 16 slots at
-   --max-model-len 4096, how many concurrent 256-token streams run at once (peak of grokstack_batch_size).
+3. Capacity (`--sections capacity`): with the KV memory the old engine reserved for 4 slots at
+   --max-model-len 4096 (so it held 4 streams), how many 256-token streams run at once (the peak of
+   grokstack_batch_size, and the KV blocks in use at their peak counted in full 256-token streams).
 
 Run: .venv/bin/python benchmarks/serve.py [--levels 1,8,32] [--min-requests 32] [--max-tokens 64]
      [--sections throughput,prefix,capacity] [--llama-server PATH --llama-quantize PATH].
@@ -45,7 +46,7 @@ PROMPTS = [
 MAX_BATCH = 32
 MAX_MODEL_LEN = 512  # the prompts and 64 new tokens fit; a smaller cache than the 4096 default
 LLAMA_SLOTS = 8
-OLD_SLOTS, OLD_MODEL_LEN = 16, 4096  # the engine before paging reserved this many full-length rows
+OLD_SLOTS, OLD_MODEL_LEN = 4, 4096  # capacity: the engine before paging reserved this many full-length rows
 
 
 @dataclass
@@ -170,7 +171,8 @@ async def run_clients(base: str, clients: int, prompts: list[str], max_tokens: i
         while not todo.empty():
             timings.append(await stream_chat(client, user(todo.get_nowait()), max_tokens))
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # a fresh connection per request: llama-server closes idle keep-alive connections under the client's feet
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(900), limits=limits) as client:
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
@@ -323,33 +325,41 @@ def capacity(tmp: Path, args) -> dict:
 
     per_token = grokstack.load("default").config.kv_bytes_per_token(4)
     kv_bytes = OLD_SLOTS * OLD_MODEL_LEN * per_token
-    streams, prompt_words, new = 320, 150, 40
-    print(f"\n3. capacity: --kv-memory {kv_bytes / 2**30:.2f} GiB (the old engine's {OLD_SLOTS} slots x "
-          f"{OLD_MODEL_LEN} tokens), {streams} requests of ~256 tokens (prompt + {new} new) sent at once")
+    streams, stream_len = 96, 256
+    print(f"\n3. capacity: --kv-memory {kv_bytes / 2**30:.3f} GiB = what the old engine reserved for "
+          f"--max-batch {OLD_SLOTS} --max-model-len {OLD_MODEL_LEN} ({OLD_SLOTS} streams at most); {streams} "
+          f"requests of {stream_len} tokens (a short prompt, then max_tokens up to {stream_len}) sent at once")
     proc, base = grokstack_server(tmp, "--kv-memory", f"{kv_bytes / 2**30:.6f}", max_batch=512,
                                   max_model_len=OLD_MODEL_LEN)
-    peak = 0
+    samples: list[tuple[int, int, int]] = []  # (running sequences, KV blocks used, preemptions)
     try:
         async def go() -> list[Timing]:
-            limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
+            limits = httpx.Limits(max_connections=streams + 1, max_keepalive_connections=0)
             async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(1800), limits=limits) as client:
-                jobs = [asyncio.create_task(stream_chat(client, user(long_text(prompt_words, 1000 + i)), new))
-                        for i in range(streams)]
-                nonlocal peak
+                prompts = [user(f"Count from {i} upwards, one number a line.") for i in range(streams)]
+                jobs = [asyncio.create_task(stream_chat(client, p, stream_len - 24)) for p in prompts]
                 while not all(j.done() for j in jobs):
                     text = (await client.get("/metrics")).text
-                    m = re.search(r"^grokstack_batch_size (\S+)", text, re.M)
-                    peak = max(peak, int(float(m.group(1)))) if m else peak
+
+                    def gauge(name: str, text: str = text) -> int:
+                        m = re.search(rf"^{re.escape(name)} (\S+)", text, re.M)
+                        return int(float(m.group(1))) if m else 0
+
+                    samples.append((gauge("grokstack_batch_size"), gauge('grokstack_kv_blocks{state="used"}'),
+                                    gauge("grokstack_preemptions")))
                     await asyncio.sleep(0.5)
                 return [j.result() for j in jobs]
 
         timings = asyncio.run(go())
     finally:
         stop(proc)
+    peak = max(s[0] for s in samples)
+    held = max(s[1] for s in samples) * 16 // stream_len  # full 256-token streams the blocks in use amount to
     tokens = sum(t.tokens for t in timings)
-    print(f"   concurrent streams held at once: {peak} (old engine: {OLD_SLOTS}, {peak / OLD_SLOTS:.1f}x); "
-          f"{tokens} tokens generated")
-    return {"kv_bytes": kv_bytes, "peak_streams": peak, "old_streams": OLD_SLOTS, "requests": streams}
+    print(f"   streams running at once: peak {peak}; KV in use at its peak = {held} full {stream_len}-token streams "
+          f"(old engine: {OLD_SLOTS}; {held / OLD_SLOTS:.1f}x); preemptions {samples[-1][2]}; {tokens} tokens")
+    return {"kv_bytes": kv_bytes, "peak_streams": peak, "full_streams_held": held, "old_streams": OLD_SLOTS,
+            "requests": streams, "preemptions": samples[-1][2], "samples": samples}
 
 
 # ----------------------------------------------------------------------------- main

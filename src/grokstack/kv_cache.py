@@ -74,6 +74,7 @@ class AttnGroup:
     q_pos: torch.Tensor  # [R, T] long, absolute positions (pads: 0)
     tables: torch.Tensor  # [R, nb] long, block tables (padded with the trash block)
     length: int  # keys to read per row: the group's highest position + 1
+    whole: bool = False  # index is arange(N).view(R, T) with nothing padded: the step's tokens as they are
 
 
 @dataclass

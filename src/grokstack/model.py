@@ -111,8 +111,12 @@ def attend(
 ) -> torch.Tensor:
     """Scores, caps, temperature, mask, softmax. q [B, T, Hq, D]; k, v [B, S, Hkv, D] -> [B, T, Hq*D].
 
-    Key index j is absolute position j, so the causal mask is j <= q_pos.
+    Key index j is absolute position j, so the causal mask is j <= q_pos. Plain softmax attention (no cap,
+    no temperature: the Llama-family default model) runs as PyTorch's fused kernel; Grok's takes the steps
+    below, which put the caps where the references put them.
     """
+    if cfg.attn_softcap <= 0 and not cfg.temperature_on:
+        return _attend_fused(cfg, q, k, v, q_pos, key_valid)
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv  # query head h reads kv head h // G
@@ -140,6 +144,17 @@ def attend(
         outs.append(p @ vg)  # [B, Hkv, G, t, D]
     o = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
     return o.permute(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
+
+
+def _attend_fused(cfg: ModelConfig, q, k, v, q_pos, key_valid) -> torch.Tensor:
+    """softmax(q k^T * qk_scale, causal and key mask) v by scaled_dot_product_attention; same shapes as attend."""
+    B, T, Hq, D = q.shape
+    allowed = torch.arange(k.shape[1], device=q.device)[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=allowed[:, None], scale=cfg.qk_scale, enable_gqa=True)
+    return o.transpose(1, 2).reshape(B, T, Hq * D)  # [B, T, Hq*D]
 
 
 class Attention(nn.Module):
@@ -179,6 +194,8 @@ def attend_paged(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     for g in step.groups:
         keys, values = kv.read(layer, g.tables, g.length)  # [R, S, Hkv, D]
         valid = kv.valid_keys(g.tables, g.length) if cfg.mask_pad_keys else None
+        if g.whole:  # one group of equal rows (e.g. decode only): no gather, no scatter
+            return attend(cfg, q.view(*g.index.shape, *q.shape[1:]), keys, values, g.q_pos, valid).flatten(0, 1)
         o = attend(cfg, q[g.index], keys, values, g.q_pos, valid)  # [R, T, Hq*D]
         out[g.index[g.present]] = o[g.present]
     return out

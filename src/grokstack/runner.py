@@ -61,6 +61,8 @@ class Runner:
         decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
         chunks = [i for i, r in enumerate(rows) if len(r.tokens) > 1]
         groups = [self.group([rows[i] for i in part], [offsets[i] for i in part]) for part in (decode, chunks) if part]
+        if len(groups) == 1 and len({len(r.tokens) for r in rows}) == 1:
+            groups[0].whole = True  # rows are laid out back to back in order: the flat tokens are [R, T]
         dev = self.device
         step = StepContext(torch.tensor(positions, device=dev), torch.tensor(slots, device=dev), groups, self.kv)
         return torch.tensor(tokens, device=dev), step, offsets
