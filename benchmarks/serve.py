@@ -124,16 +124,16 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 # ----------------------------------------------------------------------------- clients
-def chat_body(messages: list[dict], max_tokens: int) -> dict:
+def chat_body(messages: list[dict], max_tokens: int, **extra) -> dict:
     return {"model": "default", "messages": messages, "temperature": 0, "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **extra}
 
 
-async def stream_chat(client: httpx.AsyncClient, messages: list[dict], max_tokens: int) -> Timing:
+async def stream_chat(client: httpx.AsyncClient, messages: list[dict], max_tokens: int, **extra) -> Timing:
     """One streaming request: when it was sent, when the first content arrived, when it ended, tokens made."""
     sent = time.perf_counter()
     first, tokens, deltas, cached, text = None, 0, 0, 0, ""
-    async with client.stream("POST", "/v1/chat/completions", json=chat_body(messages, max_tokens)) as r:
+    async with client.stream("POST", "/v1/chat/completions", json=chat_body(messages, max_tokens, **extra)) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
@@ -283,7 +283,7 @@ def long_text(words: int, seed: int) -> str:
 
 def prefix_cache(tmp: Path, args) -> dict:
     print("\n2. prefix cache: grokstack fp32, --max-model-len 2048")
-    system = long_text(900, 1)  # about 1,000 tokens with the template
+    system = long_text(1000, 1)  # about 1,100 tokens with the template
     first = [{"role": "system", "content": system}, {"role": "user", "content": long_text(30, 2)}]
     second = [{"role": "system", "content": system}, {"role": "user", "content": long_text(30, 3)}]
     report = {}
@@ -337,7 +337,7 @@ def capacity(tmp: Path, args) -> dict:
             limits = httpx.Limits(max_connections=streams + 1, max_keepalive_connections=0)
             async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(1800), limits=limits) as client:
                 prompts = [user(f"Count from {i} upwards, one number a line.") for i in range(streams)]
-                jobs = [asyncio.create_task(stream_chat(client, p, stream_len - 24)) for p in prompts]
+                jobs = [asyncio.create_task(stream_chat(client, p, stream_len - 24, ignore_eos=True)) for p in prompts]
                 while not all(j.done() for j in jobs):
                     text = (await client.get("/metrics")).text
 

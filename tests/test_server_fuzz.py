@@ -370,6 +370,20 @@ def test_max_tokens_past_the_context_is_context_length_exceeded(client, path, bo
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_a_request_that_can_never_fit_the_kv_pool_is_400_at_once(lm, tmp_path):
+    """Each choice fits the context, but n of them never fit the KV budget: refused before any step runs."""
+    app, engine = build_app(lm, tmp_path, kv_memory=64 * lm.config.kv_bytes_per_token(4))  # 4 blocks of 16
+    with TestClient(app, raise_server_exceptions=False) as c:
+        ok = post_json(c, "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 8})
+        assert ok.status_code == 200, ok.text
+        body = {"model": MODEL, "messages": HELLO, "max_tokens": 40, "n": 2}
+        r = post_json(c, "/v1/chat/completions", body)
+        assert r.status_code == 400
+        check_error(r)
+        assert r.json()["error"]["code"] == "context_length_exceeded" and "KV tokens" in r.json()["error"]["message"]
+        assert engine.stats().preemptions == 0
+
+
 def test_unknown_route_and_method_get_the_envelope(client):
     r = client.get("/v1/nope")
     assert r.status_code == 404

@@ -180,6 +180,6 @@ def context_room(prompt: list[int], vocab_size: int, context: int) -> int:
         raise InvalidArgumentError(f"the prompt has token ids outside 0..{vocab_size - 1}")
     if len(prompt) >= context:
         raise ContextLengthError(
-            f"the prompt has {len(prompt)} tokens; the model's context is {context} tokens, leaving no room to generate"
+            f"the prompt has {len(prompt)} tokens; the context holds {context}, leaving no room to generate"
         )
     return context - len(prompt)

@@ -243,14 +243,14 @@ class Api:
         return key.requests.headers("requests") | key.tokens.headers("tokens")
 
     # ------------------------------------------------------------------ request -> engine
-    def sampling(self, body, prompt_len: int, max_tokens: int | None) -> list[SamplingParams]:
+    def sampling(self, body, prompt: list[int], max_tokens: int | None) -> list[SamplingParams]:
         stops, stop_ids = [], set()
         for s in body.stop or []:  # a stop string that is a special token's text stops on that token
             if s in self.tok.special_ids:
                 stop_ids.add(self.tok.special_ids[s])
             else:
                 stops.append(s)
-        room = self.engine.max_model_len - prompt_len
+        room = self.engine.room(prompt)  # also refuses an empty prompt or ids outside the vocabulary
         bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
         if bias and max(bias) >= self.lm.config.vocab_size:
             raise InvalidArgumentError(f"logit_bias token id {max(bias)} is outside 0..{self.lm.config.vocab_size - 1}")
@@ -267,6 +267,7 @@ class Api:
             stop=stops,
             stop_token_ids=sorted(self.tok.stop_ids | stop_ids) if stop_ids else None,
             logit_bias=bias or None,
+            ignore_eos=body.ignore_eos,
         )
         return [SamplingParams(**base) for _ in range(body.n)]
 
@@ -365,7 +366,7 @@ class Api:
             messages, hits = self.search_for(body, messages, guard)
         prompt = self.tok.chat_ids(messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = self.sampling(body, len(prompt), max_tokens)
+        params = self.sampling(body, prompt, max_tokens)
         if body.logprobs:
             params = [p.replace(logprobs=body.top_logprobs or 0) for p in params]
         return ChatPlan(prompt, params, self.constraints(body), hits, guard, refusal)
@@ -529,12 +530,9 @@ class Api:
             prompts = [list(p)]
         else:
             prompts = [list(x) for x in p]
-        vocab = self.lm.config.vocab_size
         for i, ids in enumerate(prompts):
             if not ids:
                 raise InvalidArgumentError(f"prompt {i} encodes to no tokens")
-            if max(ids) >= vocab:
-                raise InvalidArgumentError(f"prompt {i} has token ids outside 0..{vocab - 1}")
         return prompts
 
     def check_completion(self, body: CompletionRequest) -> None:
@@ -683,7 +681,7 @@ class Api:
         jobs: list[Job] = []
         try:
             for ids in prompts:
-                params = self.sampling(body, len(ids), max_tokens)
+                params = self.sampling(body, ids, max_tokens)
                 if body.logprobs is not None:
                     params = [sp.replace(logprobs=body.logprobs) for sp in params]
                 jobs.append(Job(self, ids, params, prompt_logprobs=prompt_logprobs, generate=generate, key=key))

@@ -59,6 +59,7 @@ class _Sampling(_Body):
     top_k: Annotated[int, Field(ge=0)] = 0
     min_p: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    ignore_eos: bool = False  # keep generating past end-of-sequence tokens (load tests, as vLLM's benchmarks do)
 
     @field_validator("stop")
     @classmethod
