@@ -468,3 +468,31 @@ def test_quantized_estimate_on_cuda(scheme):
     for moment in ("prefill", "decode", "logits"):
         assert real[moment] <= est[moment] + est["quant_workspace"], moment
     torch.cuda.empty_cache()
+
+
+# the Grok-2 release's config.json values as the spec lists them (spec §1.2), written out by hand
+GROK2_RELEASE_CONFIG = {
+    "architectures": ["Grok1ForCausalLM"], "model_type": "git", "torch_dtype": "bfloat16",
+    "vocab_size": 131072, "hidden_size": 8192, "num_hidden_layers": 64, "head_dim": 128,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 32768, "moe_intermediate_size": 16384,
+    "num_local_experts": 8, "num_experts_per_tok": 2, "residual_moe": True, "rms_norm_eps": 1e-05,
+    "embedding_multiplier_scale": 90.50966799187809, "output_multiplier_scale": 0.5, "attn_logit_softcapping": 30.0,
+    "router_logit_softcapping": 30.0, "final_logit_softcapping": 50, "rope_theta": 208533496,
+    "rope_type": "original", "original_max_position_embeddings": 8192, "scaling_factor": 16.0,
+    "extrapolation_factor": 1.0, "attn_factor": 1.0, "beta_fast": 8, "beta_slow": 1,
+    "max_position_embeddings": 131072, "attn_temperature_len": 1024, "sliding_window_size": -1,
+    "global_attn_every_n": 1,
+}
+
+
+def test_plan_a_folder_holding_only_config_json(tmp_path, capsys):
+    """People plan before they download 500 GB: a folder with the release's config.json alone is enough."""
+    from grokstack.cli import main
+    from grokstack.plan import config_for
+
+    (tmp_path / "config.json").write_text(json.dumps(GROK2_RELEASE_CONFIG))
+    cfg, _ = config_for(str(tmp_path))
+    assert round(cfg.parameter_counts()["total"] / 1e9, 1) == 269.5
+    assert main(["plan", "--model", str(tmp_path), "--gpus", "8x141GB", "--json"]) == 0  # 0: it fits
+    out = json.loads(capsys.readouterr().out)
+    assert out["per_gpu_bytes"]["weights"] == plan(grok2_preset(), "8x141GB").weights_total

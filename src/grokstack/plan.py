@@ -481,6 +481,10 @@ def config_for(ref: str | Path, config: str | Path | None = None) -> tuple[Model
     from .loading.hub import _HUB_ID, DEFAULT, resolve
 
     path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file() and config is None and not _has_weights(path):
+        from .config import load_config_file  # people plan before they download the weights
+
+        return load_config_file(path / "config.json"), name
     if name == DEFAULT or path.exists():
         return inspect_checkpoint(resolve(name), Path(config) if config else None).config, name
     if _HUB_ID.fullmatch(name) and ":" not in name:
@@ -489,6 +493,10 @@ def config_for(ref: str | Path, config: str | Path | None = None) -> tuple[Model
         f"cannot plan {name!r}: give grok-1, grok-2, xai-org/grok-2, a local checkpoint folder or .gguf file, "
         "or a Hub repository id with a config.json"
     )
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf")) or (folder / "ckpt-0").exists()
 
 
 def _hub_config(repo: str) -> ModelConfig:
