@@ -40,7 +40,6 @@ class BlockPool:
         self._cached: dict[int, int] = {}  # prefix key -> block
         self._key_of: dict[int, int] = {}  # block -> prefix key
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody holds, oldest first
-        self.hits = 0  # blocks served from the prefix cache (for metrics)
 
     # ------------------------------------------------------------------ counts
     @property
@@ -73,7 +72,6 @@ class BlockPool:
             found.append(block)
         for block in found:
             self._hold(block)
-        self.hits += len(found)
         return found
 
     def publish(self, block: int, key: int) -> None:

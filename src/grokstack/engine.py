@@ -75,6 +75,7 @@ class _Live:
     """A request inside the scheduler: its choices' samplers by sequence id."""
 
     request: Request
+    seqs: set[int] = field(default_factory=set)  # its sequences in the scheduler (the prompt's, then the forks)
     choices: dict[int, tuple[int, Sequence]] = field(default_factory=dict)  # seq id -> (choice index, sampler)
     prompt_lps: list[TokenLogprob | None] = field(default_factory=lambda: [None])
     left: int = 0  # choices not finished
@@ -245,7 +246,7 @@ class Engine:
                 block_size=sched.pool.block_size,
                 kv_bytes_per_token=self.kv_bytes_per_token,
                 preemptions=sched.preemptions,
-                cached_tokens=sched.pool.hits * sched.pool.block_size,
+                cached_tokens=sched.cached_tokens,
                 steps=self._steps,
             )
 
@@ -351,7 +352,8 @@ class Engine:
             live = _Live(req, left=len(req.params))
             self._live[req.id] = live
             # scoring every prompt position needs every position computed: no prefix reuse for it
-            self.scheduler.add(req.id, req.prompt, len(req.params), use_cache=req.prompt_logprobs is None)
+            seq = self.scheduler.add(req.id, req.prompt, len(req.params), use_cache=req.prompt_logprobs is None)
+            live.seqs.add(seq.id)
 
     def _scores(self, row: Row) -> bool:
         live = self._live.get(self.scheduler.seqs[row.seq].group)
@@ -361,7 +363,7 @@ class Engine:
         """Drop cancelled and finished requests, freeing their blocks."""
         for rid, live in list(self._live.items()):
             if live.request.cancelled or live.left == 0:
-                for sid in [s for s, seq in self.scheduler.seqs.items() if seq.group == rid]:
+                for sid in live.seqs:
                     self.scheduler.finish(sid)
                 del self._live[rid]
 
@@ -385,7 +387,9 @@ class Engine:
                     self._emit(req, Event(j, -1, "", None, "length", stop_token=True))  # -1: no token
                 live.left = 0
                 return
-            for j, sid in enumerate(self.scheduler.fork(row.seq)):
+            forks = self.scheduler.fork(row.seq)
+            live.seqs.update(forks)
+            for j, sid in enumerate(forks):
                 sp = req.params[j]
                 seed = None if sp.seed is None else sp.seed + j
                 try:

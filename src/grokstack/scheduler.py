@@ -81,6 +81,7 @@ class Scheduler:
         self._order = itertools.count(1)
         self._copies: list[tuple[int, int]] = []
         self.preemptions = 0
+        self.cached_tokens = 0  # prompt tokens admitted from the prefix cache (a request that waits counts once)
 
     # ------------------------------------------------------------------ requests
     def fits(self, prompt_len: int, max_new: int, n: int) -> bool:
@@ -195,6 +196,7 @@ class Scheduler:
             seq.computed = len(matched) * self.pool.block_size
             if seq.preemptions == 0:
                 seq.cached = seq.computed
+                self.cached_tokens += seq.cached
             seq.published = len(matched)
             seq.order = next(self._order)
             self.running.append(seq)
